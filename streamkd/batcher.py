@@ -1,0 +1,139 @@
+"""Decode records in a thread pool and assemble training batches that carry their resume offsets.
+
+A batch holds whole records only (an npy record of several images is never
+split), so "every record before these offsets is in the model" stays exactly
+true at every checkpoint. Rejected records advance the offsets too: they are
+dead-lettered, not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .decode import Decoded, Limits, Rejected, decode_record
+from .preprocess import resize_uint8
+from .source import RawRecord, RecordQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """Images ready for the teacher, and how far the stream is covered once they are trained."""
+
+    images: torch.Tensor  # uint8 N×C×H×W at the teacher's size and channels (pinned on CUDA hosts)
+    labels: torch.Tensor  # int64 N, -1 where the record carried no label
+    offsets: dict[int, int]  # partition -> next offset, for every partition this batch touched
+    records: int  # Kafka records in the batch (rejected ones included)
+    first_offsets: dict[int, int]  # partition -> first offset in the batch (for logs on rollback)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+def prepare(rec: RawRecord, limits: Limits, size: tuple[int, int], channels: int) -> Decoded | Rejected:
+    """Decode one record and bring every image to the teacher's size/channels (runs in the pool)."""
+    out = decode_record(rec.value, rec.headers, limits)
+    if isinstance(out, Rejected):
+        return out
+    images = out.images
+    if images.shape[1] != channels or tuple(images.shape[2:]) != tuple(size):
+        images = torch.stack([resize_uint8(img, size, channels) for img in images])
+    return Decoded(images=images.contiguous(), label=out.label)
+
+
+class Batcher:
+    """Thread: RecordQueue -> decode pool -> Batch queue (size OR max wait)."""
+
+    def __init__(self, records: RecordQueue, out: "queue.Queue[Batch]", *, batch_size: int, max_wait_s: float,
+                 limits: Limits, size: tuple[int, int], channels: int, workers: int, stop: threading.Event,
+                 on_reject: Callable[[RawRecord, Rejected], None], pin_memory: bool = False):
+        self.records, self.out = records, out
+        self.batch_size, self.max_wait_s = batch_size, max_wait_s
+        self.limits, self.size, self.channels = limits, size, channels
+        self.stop_event = stop
+        self.on_reject = on_reject
+        self.pin_memory = pin_memory
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _emit(self, images: list[torch.Tensor], labels: list[int], offsets: dict[int, int],
+              first: dict[int, int], records: int) -> bool:
+        if images:
+            x = torch.cat(images) if len(images) > 1 else images[0]
+            if self.pin_memory:
+                x = x.pin_memory()  # lets the loop's host->device copy run asynchronously
+        else:  # only rejected records: an empty batch still moves the offsets forward
+            x = torch.empty((0, self.channels, *self.size), dtype=torch.uint8)
+        batch = Batch(images=x, labels=torch.tensor(labels, dtype=torch.int64), offsets=dict(offsets),
+                      records=records, first_offsets=dict(first))
+        while not self.stop_event.is_set():
+            try:
+                self.out.put(batch, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - surfaced to the main loop, which crashes cleanly
+            log.exception("batcher failed")
+            self.error = e
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        offsets: dict[int, int] = {}
+        first: dict[int, int] = {}
+        records = 0
+        n = 0
+        started = 0.0
+        chunk = max(self.batch_size, 64)
+        while not self.stop_event.is_set():
+            wait = 0.05 if not records else max(0.0, min(0.05, started + self.max_wait_s - time.monotonic()))
+            recs = self.records.get_many(chunk, timeout=wait)
+            # map() keeps record order, so offsets per partition only ever move forward.
+            results = self.pool.map(prepare, recs, [self.limits] * len(recs), [self.size] * len(recs),
+                                    [self.channels] * len(recs)) if recs else []
+            for rec, res in zip(recs, results):
+                if isinstance(res, Rejected):
+                    self.on_reject(rec, res)
+                else:
+                    k = int(res.images.shape[0])
+                    if n and n + k > self.batch_size:  # whole records only: flush first
+                        if not self._emit(images, labels, offsets, first, records):
+                            return
+                        images, labels, offsets, first, records, n = [], [], {}, {}, 0, 0
+                    images.append(res.images)
+                    labels.extend([-1 if res.label is None else res.label] * k)
+                    n += k
+                if not records:
+                    started = time.monotonic()
+                records += 1
+                first.setdefault(rec.partition, rec.offset)
+                offsets[rec.partition] = rec.offset + 1  # resume at the next record, not this one
+                if n >= self.batch_size:
+                    if not self._emit(images, labels, offsets, first, records):
+                        return
+                    images, labels, offsets, first, records, n = [], [], {}, {}, 0, 0
+            if records and time.monotonic() - started >= self.max_wait_s:
+                if not self._emit(images, labels, offsets, first, records):
+                    return
+                images, labels, offsets, first, records, n = [], [], {}, {}, 0, 0

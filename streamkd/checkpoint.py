@@ -1,0 +1,249 @@
+"""Training checkpoints: student weights + optimizer + Kafka offsets, for resume.
+
+Layout (one folder per checkpoint, newest = highest step)::
+
+    <dir>/step-000000001200/
+        state.pt      # torch.save({"student": ..., "optimizer": ...})
+        meta.json     # step, samples_seen, offsets, extra, sha256 of state.pt
+
+Exactly-once hinges on this module: the daemon commits Kafka offsets only
+after `save` returns, so `save` returns only once the data *and* the rename
+are on disk. A checkpoint that fails any check on load (bad meta, checksum
+mismatch, unpicklable or non-tensor content) is skipped in favour of the
+previous one. `state.pt` is read with `torch.load(weights_only=True)` only:
+a crafted file can fail to load, never run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .fsutil import atomic_publish_dir, fsync_dir, remove_tree
+
+__all__ = ["TrainState", "CheckpointStore", "CheckpointError", "is_finite_state"]
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"step-(\d{12})")
+_STATE, _META = "state.pt", "meta.json"
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is unusable (the message says why)."""
+
+
+@dataclass
+class TrainState:
+    step: int
+    samples_seen: int  # trained samples in this model lineage
+    offsets: dict[str, dict[int, int]]  # topic -> partition -> next offset to consume
+    student: dict[str, torch.Tensor]  # state_dict, CPU tensors
+    optimizer: dict  # optimizer.state_dict() with CPU tensors
+    extra: dict = field(default_factory=dict)  # JSON-able: config_sha256, teacher sha256, scheduler step, ...
+
+
+def is_finite_state(student: dict[str, torch.Tensor]) -> bool:
+    """True when no floating/complex tensor of a state_dict holds NaN or Inf."""
+    for t in student.values():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            if not bool(torch.isfinite(t).all()):
+                return False
+    return True
+
+
+def _dir_name(step: int) -> str:
+    return f"step-{step:012d}"
+
+
+def _check_offsets(offsets: object) -> dict[str, dict[int, int]]:
+    """Validate {topic: {partition: offset}}; JSON gives partition keys as strings."""
+    if not isinstance(offsets, dict):
+        raise CheckpointError("offsets is not an object")
+    out: dict[str, dict[int, int]] = {}
+    for topic, parts in offsets.items():
+        if not isinstance(topic, str) or not isinstance(parts, dict):
+            raise CheckpointError(f"offsets[{topic!r}] is not an object")
+        out[topic] = {}
+        for p, off in parts.items():
+            if isinstance(off, bool) or not isinstance(off, int) or off < 0:
+                raise CheckpointError(f"offsets[{topic!r}][{p!r}] is not a non-negative integer")
+            out[topic][int(p)] = off
+    return out
+
+
+class CheckpointStore:
+    """Atomic, checksummed training checkpoints with fallback to older ones."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        keep: int = 3,
+        on_fallback: Callable[[Path, str], None] | None = None,
+    ) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.on_fallback = on_fallback
+        self._lock = threading.Lock()  # save() may run on a background thread
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Undo what a crash mid-save or mid-prune left behind."""
+        for p in self.directory.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")):
+                remove_tree(p)  # never renamed into place: not a checkpoint
+            elif p.name.startswith(".old-"):
+                # Crash while replacing a same-step checkpoint: the old one was
+                # moved aside; restore it unless the new one made it into place.
+                final = self.directory / p.name[len(".old-"):]
+                if final.exists():
+                    remove_tree(p)
+                else:
+                    os.rename(p, final)
+        fsync_dir(self.directory)
+
+    def list(self) -> list[Path]:
+        """Checkpoint folders with a well-formed name, newest (highest step) first."""
+        found = [p for p in self.directory.iterdir() if _NAME.fullmatch(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    def save(self, state: TrainState) -> Path:
+        """Write `state` durably; when this returns, the checkpoint survives a crash."""
+        if state.step < 0:
+            raise ValueError(f"step must be >= 0, got {state.step}")
+        offsets = {t: {str(p): int(o) for p, o in parts.items()} for t, parts in state.offsets.items()}
+        # Encode meta first: a non-JSON `extra` fails before anything touches disk.
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": int(state.step),
+            "samples_seen": int(state.samples_seen),
+            "offsets": offsets,
+            "extra": state.extra,
+        }
+        json.dumps(meta)
+        buf = io.BytesIO()
+        torch.save({"student": state.student, "optimizer": state.optimizer}, buf)
+        data = buf.getbuffer()
+        meta["sha256"] = hashlib.sha256(data).hexdigest()
+        meta["size"] = len(data)
+
+        with self._lock:
+            final = self.directory / _dir_name(state.step)
+            tmp = self.directory / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                (tmp / _STATE).write_bytes(data)
+                (tmp / _META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            except BaseException:
+                remove_tree(tmp)  # e.g. ENOSPC: leave the existing checkpoints as they were
+                raise
+            if final.exists():
+                self._replace(tmp, final)
+            else:
+                atomic_publish_dir(tmp, final)  # fsyncs files, tmp dir, and the parent after the rename
+            self._prune(keep_also=final)
+        return final
+
+    def _replace(self, tmp: Path, final: Path) -> None:
+        """Replace an existing checkpoint of the same step (e.g. later offsets, no new step).
+
+        A non-empty directory cannot be renamed over, so the old one is moved
+        aside first; `_recover` puts it back if we crash in between.
+        """
+        aside = self.directory / f".old-{final.name}"
+        remove_tree(aside)
+        os.rename(final, aside)
+        try:
+            atomic_publish_dir(tmp, final)
+        except BaseException:
+            os.rename(aside, final)
+            fsync_dir(self.directory)
+            raise
+        remove_tree(aside)
+
+    def _prune(self, keep_also: Path) -> None:
+        # Runs only after the new checkpoint is durable, so a crash here never
+        # leaves fewer than `keep` usable checkpoints behind.
+        for old in self.list()[self.keep:]:
+            if old == keep_also:
+                continue
+            # Rename first so a half-deleted folder never looks like a corrupt checkpoint.
+            trash = self.directory / f".trash-{old.name}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(old, trash)
+            except OSError as e:
+                log.warning("could not prune checkpoint %s: %s", old, e)
+                continue
+            remove_tree(trash)
+        fsync_dir(self.directory)
+
+    def load(self, path: str | Path) -> TrainState:
+        """Load and fully verify one checkpoint folder; raises CheckpointError when unusable."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / _META).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError("meta.json missing") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"meta.json does not parse: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"meta.json has unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        for key in ("step", "samples_seen"):
+            if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int):
+                raise CheckpointError(f"meta.json: {key} is not an integer")
+        offsets = _check_offsets(meta.get("offsets"))
+        extra = meta.get("extra", {})
+        if not isinstance(extra, dict):
+            raise CheckpointError("meta.json: extra is not an object")
+        try:
+            data = (path / _STATE).read_bytes()  # read once: the bytes we hash are the bytes we load
+        except FileNotFoundError:
+            raise CheckpointError("state.pt missing") from None
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            raise CheckpointError(f"state.pt sha256 mismatch ({len(data)} bytes)")
+        try:
+            blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for bad zips
+            raise CheckpointError(f"state.pt does not load: {type(e).__name__}: {e}") from None
+        if not isinstance(blob, dict) or not isinstance(blob.get("student"), dict) or not isinstance(blob.get("optimizer"), dict):
+            raise CheckpointError("state.pt lacks student/optimizer dicts")
+        student = blob["student"]
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in student.items()):
+            raise CheckpointError("state.pt: student is not a str -> Tensor state_dict")
+        return TrainState(
+            step=meta["step"],
+            samples_seen=meta["samples_seen"],
+            offsets=offsets,
+            student=student,
+            optimizer=blob["optimizer"],
+            extra=extra,
+        )
+
+    def load_latest(self) -> TrainState | None:
+        """The newest checkpoint that verifies, or None when there is none.
+
+        Each one skipped is reported via `on_fallback(path, reason)` and logged.
+        """
+        for path in self.list():
+            try:
+                return self.load(path)
+            except (CheckpointError, OSError) as e:
+                reason = str(e)
+                log.warning("checkpoint %s unusable (%s); falling back to the previous one", path, reason)
+                if self.on_fallback is not None:
+                    self.on_fallback(path, reason)
+        return None

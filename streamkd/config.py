@@ -1,0 +1,420 @@
+"""Typed configuration: built-in defaults < YAML file < ``STREAMKD_`` env < ``--set``.
+
+Every section is a frozen dataclass; :func:`load_config` merges the layers as
+plain dicts, then builds the dataclasses once, checking every key and value.
+Any problem raises :class:`ConfigError` naming the dotted key (the CLI turns
+it into exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import yaml
+
+ENV_PREFIX = "STREAMKD_"
+SECRET_KEYS = frozenset(
+    {"kafka.sasl_plain_password", "kafka.ssl_password", "kafka.sasl_oauth_token", "metrics.snapshot_token"}
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``key`` is the dotted path of the offending setting."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "images"
+    group_id: str = "streamkd"
+    dlq_topic: Optional[str] = None
+    client_id: str = "streamkd"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    consumers: int = 1  # consumer threads, each owning a share of the partitions
+    queue_records: int = 4096  # bound of the consumer -> decoder queue
+    max_poll_records: int = 2000
+    fetch_max_bytes: int = 52_428_800
+    max_partition_fetch_bytes: int = 10_485_760
+    request_timeout_ms: int = 30_000
+    reconnect_backoff_max_ms: int = 10_000
+    metadata_refresh_s: float = 30.0  # how often new partitions of the topic are picked up
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Optional[Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]] = None
+    sasl_plain_username: Optional[str] = None
+    sasl_plain_password: Optional[str] = None
+    ssl_cafile: Optional[str] = None
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
+    ssl_password: Optional[str] = None
+    ssl_check_hostname: bool = True
+    # Any other kafka-python consumer setting, checked against its own names.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    max_bytes: int = 8 << 20
+    max_pixels: int = 16_777_216
+    max_images: int = 1024
+    decode_workers: int = 2
+    max_wait_ms: int = 200  # a partial batch is trained after this long without new records
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "streamkd:fmnist_cnn"
+    weights: Optional[str] = None  # None: the shipped weights for streamkd:fmnist_cnn, else random init
+    input_size: tuple[int, int] = (28, 28)
+    channels: int = 1
+    mean: tuple[float, ...] = (0.2860,)
+    std: tuple[float, ...] = (0.3530,)
+    num_classes: Optional[int] = None  # None: read from the model's output
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: str = "streamkd:lenet5"
+    num_classes: Optional[int] = None  # None: the teacher's
+    input_size: Optional[tuple[int, int]] = None  # None: the teacher's
+    channels: Optional[int] = None
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+    init: Optional[str] = None  # weights file to start from when no checkpoint exists
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64
+    temperature: float = 4.0
+    alpha: float = 0.9
+    loss: Literal["kl", "soft_ce"] = "kl"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    grad_clip: float = 5.0  # max global grad norm; 0 disables
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: bool = True  # only applied on CUDA
+    compile: bool = False
+    prefetch_batches: int = 4
+    max_consecutive_skips: int = 10  # then roll back to the last good checkpoint
+    agreement_window: int = 2000  # samples in the prequential window
+    shutdown_grace_s: float = 30.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = "state/checkpoints"
+    every_steps: int = 200
+    every_seconds: float = 60.0
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    dir: str = "state/snapshots"
+    every_steps: int = 500
+    every_seconds: float = 300.0
+    keep: int = 5
+    formats: tuple[Literal["onnx", "torchscript", "pt2"], ...] = ()
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9400
+    snapshot_token: Optional[str] = None  # bearer token required on /v1/snapshots when set
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    progress_every_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """Plain dict of every setting; secrets replaced by ``"***"`` unless ``redact=False``."""
+        out = _to_plain(dataclasses.asdict(self))
+        if redact:
+            for dotted in SECRET_KEYS:
+                section, key = dotted.split(".")
+                if out[section].get(key) is not None:
+                    out[section][key] = "***"
+            out["kafka"]["extra"] = {k: ("***" if _looks_secret(k) else v) for k, v in out["kafka"]["extra"].items()}
+        return out
+
+    def sha256(self) -> str:
+        """Digest of the redacted config (stable key order): identifies a run's settings in manifests."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    # Student settings default to the teacher's.
+    @property
+    def student_input_size(self) -> tuple[int, int]:
+        return self.student.input_size or self.teacher.input_size
+
+    @property
+    def student_channels(self) -> int:
+        return self.student.channels or self.teacher.channels
+
+    @property
+    def student_mean(self) -> tuple[float, ...]:
+        return self.student.mean or self.teacher.mean
+
+    @property
+    def student_std(self) -> tuple[float, ...]:
+        return self.student.std or self.teacher.std
+
+
+def _looks_secret(key: str) -> bool:
+    return any(word in key.lower() for word in ("password", "secret", "token", "key"))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge defaults < YAML at ``path`` < ``STREAMKD_*`` env < ``overrides`` (``a.b=yaml``), then validate."""
+    merged: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("", f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        _deep_merge(merged, data)
+    for dotted, value in env_overrides(os.environ if env is None else env):
+        _set_dotted(merged, dotted, value)
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted.strip():
+            raise ConfigError(dotted.strip(), f"--set expects KEY=VALUE, got {item!r}")
+        _set_dotted(merged, dotted.strip(), _parse_scalar(dotted.strip(), raw))
+    cfg = _build(Config, merged, "")
+    validate(cfg)
+    return cfg
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
+    """``STREAMKD_KAFKA__BOOTSTRAP_SERVERS=x`` -> ``("kafka.bootstrap_servers", "x")`` (values parsed as YAML)."""
+    out = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue  # STREAMKD_DATA_DIR and friends are not config keys
+        dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        out.append((dotted, _parse_scalar(dotted, raw)))
+    return out
+
+
+def _parse_scalar(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"value {raw!r} is not valid YAML: {e}") from None
+
+
+def _deep_merge(dst: dict, src: Mapping) -> None:
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict) and k != "extra":
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = dict(v) if isinstance(v, Mapping) else v
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix, f"expected a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(key, f"unknown key. Valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            key = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"invalid value {_show(value)}. Valid: {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if tp is tuple[int, int] or args == (int, int):
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = [value, value]  # input_size: 224 means 224×224
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ConfigError(key, f"expected an int or [height, width], got {_show(value)}")
+            return tuple(_coerce(int, v, key) for v in value)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(args[0], v, key) for v in value)
+    if origin in (Mapping, dict) or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a mapping, got {_show(value)}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected true or false, got {_show(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected an integer, got {_show(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"expected a number, got {_show(value)}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"expected a string, got {_show(value)}")
+    if tp is Any:
+        return value
+    raise ConfigError(key, f"unsupported setting type {tp}")  # pragma: no cover - a bug in this module
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _positive(cfg: Any, section: str, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        v = getattr(getattr(cfg, section), name)
+        if v is None:
+            continue
+        if v < 0 or (v == 0 and not allow_zero):
+            raise ConfigError(f"{section}.{name}", f"must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express; raises ConfigError naming the key."""
+    if not cfg.kafka.bootstrap_servers.strip():
+        raise ConfigError("kafka.bootstrap_servers", "must not be empty (host:port[,host:port...])")
+    if not cfg.kafka.topic:
+        raise ConfigError("kafka.topic", "must not be empty")
+    if cfg.kafka.dlq_topic is not None and cfg.kafka.dlq_topic == cfg.kafka.topic:
+        raise ConfigError("kafka.dlq_topic", "must differ from kafka.topic")
+    _positive(cfg, "kafka", "consumers", "queue_records", "max_poll_records", "fetch_max_bytes",
+              "max_partition_fetch_bytes", "request_timeout_ms", "reconnect_backoff_max_ms", "metadata_refresh_s")
+    _check_kafka_extra(cfg.kafka.extra)
+    if cfg.kafka.security_protocol.startswith("SASL") and cfg.kafka.sasl_mechanism is None:
+        raise ConfigError("kafka.sasl_mechanism", f"required with security_protocol {cfg.kafka.security_protocol}")
+    _positive(cfg, "input", "max_bytes", "max_pixels", "max_images", "decode_workers")
+    _positive(cfg, "input", "max_wait_ms", allow_zero=True)
+    for section in ("teacher", "student"):
+        sc = getattr(cfg, section)
+        if section == "teacher" or sc.input_size is not None:
+            size = sc.input_size
+            if min(size) < 1 or max(size) > 4096:
+                raise ConfigError(f"{section}.input_size", f"each side must be in 1..4096, got {list(size)}")
+        if sc.channels is not None and sc.channels not in (1, 3):
+            raise ConfigError(f"{section}.channels", f"invalid value {sc.channels}. Valid: 1, 3")
+        if sc.num_classes is not None and sc.num_classes < 2:
+            raise ConfigError(f"{section}.num_classes", f"must be >= 2, got {sc.num_classes}")
+    for section, channels, mean, std in (
+        ("teacher", cfg.teacher.channels, cfg.teacher.mean, cfg.teacher.std),
+        ("student", cfg.student_channels, cfg.student_mean, cfg.student_std),
+    ):
+        for name, vals in (("mean", mean), ("std", std)):
+            if len(vals) not in (1, channels):
+                raise ConfigError(f"{section}.{name}", f"needs 1 or {channels} values (channels), got {len(vals)}")
+        if any(s <= 0 for s in std):
+            raise ConfigError(f"{section}.std", f"every value must be > 0, got {list(std)}")
+    t = cfg.train
+    _positive(cfg, "train", "batch_size", "temperature", "lr", "prefetch_batches", "max_consecutive_skips",
+              "agreement_window", "shutdown_grace_s")
+    _positive(cfg, "train", "weight_decay", "momentum", "warmup_steps", "grad_clip", allow_zero=True)
+    if not 0.0 <= t.alpha <= 1.0:
+        raise ConfigError("train.alpha", f"must be in [0, 1], got {t.alpha}")
+    if t.device != "auto" and t.device != "cpu" and not (t.device == "cuda" or t.device.startswith("cuda:")):
+        raise ConfigError("train.device", f"invalid value {t.device!r}. Valid: auto, cpu, cuda, cuda:N")
+    _positive(cfg, "checkpoint", "every_steps", "every_seconds", "keep")
+    _positive(cfg, "snapshot", "every_steps", "every_seconds", "keep")
+    if not 0 <= cfg.metrics.port <= 65535:
+        raise ConfigError("metrics.port", f"must be in 0..65535 (0: any free port), got {cfg.metrics.port}")
+
+
+def _check_kafka_extra(extra: Mapping[str, Any]) -> None:
+    """``kafka.extra`` passes settings straight to kafka-python: only names it knows, none we manage."""
+    from kafka import KafkaConsumer  # local: keeps `import streamkd.config` light
+
+    managed = {f.name for f in dataclasses.fields(KafkaConfig)} | {
+        "enable_auto_commit", "key_deserializer", "value_deserializer", "group_id"}
+    for name in extra:
+        if name in managed:
+            raise ConfigError(f"kafka.extra.{name}", "is managed by streamkd; set it in the kafka section instead")
+        if name not in KafkaConsumer.DEFAULT_CONFIG:
+            valid = ", ".join(sorted(set(KafkaConsumer.DEFAULT_CONFIG) - managed))
+            raise ConfigError(f"kafka.extra.{name}", f"unknown kafka-python consumer setting. Valid: {valid}")

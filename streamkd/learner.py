@@ -1,0 +1,194 @@
+"""The online step: teacher labels a batch, the student is scored (prequentially), then learns from it.
+
+Nothing here reads a tensor back to the host: each step returns a small
+stats tensor on the device, and the loop reads it one step later, so the GPU
+never waits for Python. The non-finite guard is on the device too: the fused
+optimizers accept a ``found_inf`` flag (the mechanism ``torch.amp.GradScaler``
+uses) and skip the update inside the kernel when it is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .loss import kd_loss
+from .preprocess import to_model_input
+
+log = logging.getLogger(__name__)
+
+# Layout of the per-step stats vector (float32, on the device).
+STATS = ("n", "n_finite", "loss", "kd", "ce", "agree", "labelled", "correct", "skipped")
+S = {name: i for i, name in enumerate(STATS)}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={spec} but CUDA is not available (torch {torch.__version__})")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for the forward passes; None for fp32. ``auto``: bf16 on CUDA, fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a model wants its input: size (H, W), channels, per-channel mean/std."""
+
+    size: tuple[int, int]
+    channels: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return to_model_input(images, self.size, self.channels, self.mean, self.std)
+
+
+class Teacher:
+    """A frozen model that turns a uint8 batch into float32 logits (N×K)."""
+
+    def __init__(self, model: nn.Module, spec: InputSpec, device: torch.device, amp: torch.dtype | None,
+                 channels_last: bool = False, compile: bool = False):
+        self.spec, self.device, self.amp = spec, device, amp
+        self.channels_last = channels_last and device.type == "cuda"
+        model = model.to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model) if compile else model
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.spec(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.device, self.amp):
+            return self.model(x).float()
+
+
+class Learner:
+    """The student and its optimizer; :meth:`step` = score, then learn, on one batch."""
+
+    def __init__(self, student: nn.Module, spec: InputSpec, cfg: TrainConfig, device: torch.device,
+                 amp: torch.dtype | None, channels_last: bool = False, compile: bool = False):
+        self.cfg, self.spec, self.device = cfg, spec, device
+        # fp16 needs loss scaling for training; we keep the student in fp32 then (the teacher still runs fp16).
+        self.amp = amp if amp is not torch.float16 else None
+        self.channels_last = channels_last and device.type == "cuda"
+        self.student = student.to(device).train()
+        if self.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.student) if compile else self.student
+        self.optimizer = make_optimizer(self.student.parameters(), cfg)
+        self.fused = bool(self.optimizer.defaults.get("fused"))
+        warmup = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+    def step(self, images: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One prequential update. images uint8 N×C×H×W, teacher_logits float N×K, labels int64 N (-1: none).
+
+        Returns the stats vector (float32, device; layout ``STATS``). No host sync.
+        """
+        x = self.spec(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Samples whose teacher logits are not finite are dropped from this update (counted, not trained).
+        finite = torch.isfinite(teacher_logits).all(dim=1)
+        with _autocast(self.device, self.amp):
+            logits = self.forward(x)
+        logits = logits.float()
+        # Prequential score: these logits come from the weights *before* this batch's update.
+        pred = logits.detach().argmax(1)
+        agree = ((pred == teacher_logits.argmax(1)) & finite).sum()
+        has_label = labels >= 0
+        correct = ((pred == labels) & has_label).sum()
+        safe_t = torch.where(finite[:, None], teacher_logits, logits.detach())  # KL 0 on dropped rows
+        safe_y = torch.where(finite, labels, torch.full_like(labels, -1))
+        out = kd_loss(logits, safe_t, safe_y, self.cfg.temperature, self.cfg.alpha, form=self.cfg.loss)
+        n_finite = finite.sum()
+        # batchmean divided by N: rescale so dropped rows do not dilute the update.
+        scale = finite.numel() / n_finite.clamp(min=1).float()
+        loss = out.total * scale
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        bad = (~torch.isfinite(norm) | ~torch.isfinite(loss) | (n_finite == 0)).float()
+        if self.fused:
+            self.optimizer.found_inf = bad  # the fused kernel skips the whole update when set
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not bool(bad):  # unfused fallback: costs one host sync per step
+            self.optimizer.step()
+        self.scheduler.step()
+        return torch.stack([
+            torch.tensor(float(finite.numel()), device=self.device), n_finite.float(),
+            loss.detach().float(), out.kd.detach().float() * scale, out.ce.detach().float(), agree.float(),
+            has_label.sum().float(), correct.float(), bad,
+        ])
+
+    # -- checkpoint state ------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """CPU copies of the student weights and optimizer state (safe to write from another thread)."""
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+        opt = _to_cpu(self.optimizer.state_dict())
+        opt["scheduler"] = self.scheduler.state_dict()
+        return weights, opt
+
+    def load_state(self, weights: dict[str, torch.Tensor], optimizer: dict | None) -> None:
+        self.student.load_state_dict(weights)
+        if optimizer:
+            optimizer = dict(optimizer)
+            sched = optimizer.pop("scheduler", None)
+            self.optimizer.load_state_dict(optimizer)
+            if sched:
+                self.scheduler.load_state_dict(sched)
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD, fused where this torch supports it (needed for the sync-free non-finite guard)."""
+    params = list(params)
+    for fused in (True, False):
+        try:
+            if cfg.optimizer == "adamw":
+                return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                   fused=fused or None)
+        except (RuntimeError, TypeError, ValueError) as e:
+            log.debug("fused %s unavailable (%s); using the foreach implementation", cfg.optimizer, e)
+    raise AssertionError("unreachable")
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

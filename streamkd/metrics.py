@@ -1,0 +1,113 @@
+"""Every Prometheus metric of the daemon, in one typed holder built on an injected registry.
+
+Domain code calls plain methods (``metrics.rejected("corrupt")``) and never
+touches prometheus_client; tests build a fresh ``CollectorRegistry`` and read
+``registry.get_sample_value(...)``. Names follow the contract: ``streamkd_``
+prefix, base units, ``_total`` only on counters.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from . import __version__
+
+# Teacher forward / train step latencies span ~1 ms (tiny CPU models) to seconds (big GPU batches).
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The daemon's metrics. One instance per daemon, bound to ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry, *, device: str = "cpu"):
+        self.registry = registry
+        r = dict(registry=registry)
+        self.messages_consumed = Counter("streamkd_messages_consumed", "Kafka records consumed.", **r)
+        self.messages_rejected = Counter(
+            "streamkd_messages_rejected", "Records rejected (dead-lettered) by reason.", ["reason"], **r)
+        self.samples_trained = Counter("streamkd_samples_trained", "Images trained into the student.", **r)
+        self.samples_skipped = Counter(
+            "streamkd_samples_skipped", "Images dropped from a batch by reason (e.g. non-finite teacher logits).",
+            ["reason"], **r)
+        self.train_steps = Counter("streamkd_train_steps", "Optimizer steps taken.", **r)
+        self.updates_skipped = Counter(
+            "streamkd_updates_skipped", "Updates skipped by the non-finite guard, by reason.", ["reason"], **r)
+        self.rollbacks = Counter("streamkd_rollbacks", "Rollbacks to the last good checkpoint.", **r)
+        self.checkpoints_written = Counter("streamkd_checkpoints_written", "Durable checkpoints written.", **r)
+        self.checkpoint_fallbacks = Counter(
+            "streamkd_checkpoint_fallbacks", "Corrupt checkpoints or snapshots skipped on load.", **r)
+        self.snapshots_published = Counter("streamkd_snapshots_published", "Snapshots published.", **r)
+        self.kafka_errors = Counter("streamkd_kafka_errors", "Kafka client errors (retried).", ["op"], **r)
+        self.kd_loss = Gauge("streamkd_kd_loss", "KD loss (T^2-scaled), mean over the last log interval.", **r)
+        self.agreement = Gauge(
+            "streamkd_teacher_agreement_ratio",
+            "Prequential student/teacher top-1 agreement over the recent window (student predicts before it learns).",
+            **r)
+        self.label_accuracy = Gauge(
+            "streamkd_label_accuracy_ratio", "Prequential student accuracy on records that carry a label.", **r)
+        self.consumer_lag = Gauge(
+            "streamkd_consumer_lag_messages", "Records behind the fetch high watermark.", ["partition"], **r)
+        self.last_snapshot_version = Gauge("streamkd_last_snapshot_version", "Newest published snapshot.", **r)
+        self.last_snapshot_ts = Gauge(
+            "streamkd_last_snapshot_timestamp_seconds", "Unix time of the newest snapshot.", **r)
+        self.last_checkpoint_ts = Gauge(
+            "streamkd_last_checkpoint_timestamp_seconds", "Unix time of the newest durable checkpoint.", **r)
+        self.ready = Gauge("streamkd_ready", "1 once the teacher is loaded and the consumer is assigned.", **r)
+        self.queue_depth = Gauge("streamkd_prefetch_queue_batches", "Decoded batches waiting for the GPU.", **r)
+        self.teacher_seconds = Histogram(
+            "streamkd_teacher_inference_seconds", "Teacher forward time per batch.", buckets=_LATENCY_BUCKETS, **r)
+        self.step_seconds = Histogram(
+            "streamkd_train_step_seconds", "Student step time per batch (forward, backward, update).",
+            buckets=_LATENCY_BUCKETS, **r)
+        self.batch_wait_seconds = Histogram(
+            "streamkd_batch_wait_seconds", "Time the loop waited for the next decoded batch.",
+            buckets=_LATENCY_BUCKETS, **r)
+        import torch
+
+        Info("streamkd_build", "Build information.", **r).info(
+            {"version": __version__, "torch": torch.__version__.split("+")[0], "device": device})
+        # Pre-create the usual label values so dashboards show zeros rather than "no data".
+        for reason in ("corrupt", "too_large", "too_many_pixels", "unknown_format"):
+            self.messages_rejected.labels(reason)
+        for reason in ("nonfinite_loss", "nonfinite_grad"):
+            self.updates_skipped.labels(reason)
+        self.samples_skipped.labels("nonfinite_teacher")
+
+    # -- plain verbs for the domain code ---------------------------------------------------
+    def consumed(self, n: int = 1) -> None:
+        self.messages_consumed.inc(n)
+
+    def rejected(self, reason: str) -> None:
+        self.messages_rejected.labels(reason).inc()
+
+    def trained(self, samples: int, steps: int = 1) -> None:
+        self.samples_trained.inc(samples)
+        self.train_steps.inc(steps)
+
+    def skipped_update(self, reason: str) -> None:
+        self.updates_skipped.labels(reason).inc()
+
+    def skipped_samples(self, reason: str, n: int) -> None:
+        if n:
+            self.samples_skipped.labels(reason).inc(n)
+
+    def lag(self, partition: int, messages: int) -> None:
+        self.consumer_lag.labels(str(partition)).set(max(0, messages))
+
+    def snapshot_published(self, version: int, when: float | None = None) -> None:
+        self.snapshots_published.inc()
+        self.last_snapshot_version.set(version)
+        self.last_snapshot_ts.set(time.time() if when is None else when)
+
+    def checkpoint_written(self, when: float | None = None) -> None:
+        self.checkpoints_written.inc()
+        self.last_checkpoint_ts.set(time.time() if when is None else when)
+
+    def progress(self, kd_loss: float, agreement: float | None, label_accuracy: float | None) -> None:
+        self.kd_loss.set(kd_loss)
+        if agreement is not None:
+            self.agreement.set(agreement)
+        if label_accuracy is not None:
+            self.label_accuracy.set(label_accuracy)

@@ -1,0 +1,352 @@
+"""Serving snapshots: numbered, immutable, atomically published student weights.
+
+Layout (contract, see DESIGN.md "Snapshots")::
+
+    <dir>/LATEST                  # text: newest published version
+    <dir>/<version>/model.safetensors
+    <dir>/<version>/manifest.json # caller's fields + version, created_at, files {name: sha256}
+    <dir>/<version>/model.onnx    # optional extra files
+
+A version folder is written as `.tmp-<v>`, fsynced and renamed, and only then
+is `LATEST` replaced, so a reader that follows `LATEST` never sees a partial
+snapshot. Pruned versions are renamed away before deletion, so a version is
+either complete or absent (a reader that loses the race sees "gone": retry).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from .fsutil import atomic_publish_dir, atomic_write_bytes, fsync_dir, remove_tree, sha256_file
+
+__all__ = ["NonFiniteWeights", "SnapshotStore", "MODEL_FILE", "MANIFEST_FILE", "rfc3339_now"]
+
+MODEL_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "LATEST"
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")  # canonical: no leading zeros, fits in int64
+_TRASH = re.compile(r"\.trash-([0-9]+)-")
+log = logging.getLogger(__name__)
+
+
+class NonFiniteWeights(ValueError):
+    """Refused to publish: some floating tensor holds NaN or Inf."""
+
+
+class _Gone(Exception):
+    """The version folder does not exist (never published, or pruned meanwhile)."""
+
+
+def rfc3339_now() -> str:
+    """Current UTC time as RFC 3339 with milliseconds, e.g. 2026-11-28T21:40:00.123Z."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def safe_name(name: object) -> bool:
+    """True for a plain file name that cannot leave its folder."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and not name.startswith(".")  # also rules out '.' and '..'
+        and not any(c in name for c in ("/", "\\", "\0", ":"))
+        and not os.path.isabs(name)
+    )
+
+
+def _json_safe(x: Any) -> Any:
+    """Make a manifest strict JSON: non-finite floats -> null, keys -> str."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class SnapshotStore:
+    """Publish and read serving snapshots under one directory."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        keep: int = 5,
+        on_fallback: Callable[[int, str], None] | None = None,
+    ) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.on_fallback = on_fallback
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._publish_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        # version -> (file names, their stat signature, manifest or failure reason)
+        self._cache: dict[int, tuple[tuple[str, ...], tuple, dict | str]] = {}
+        self._missing_reported: set[int] = set()
+        self._cleaned = False
+        self._last_published = 0
+
+    # ---- reading -------------------------------------------------------
+
+    def versions(self) -> list[int]:
+        """Published version numbers on disk, ascending."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if _VERSION.fullmatch(n) and (self.directory / n).is_dir())
+
+    def _read_latest(self) -> int | None:
+        try:
+            text = (self.directory / LATEST_FILE).read_text(encoding="ascii").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        if not _VERSION.fullmatch(text):
+            log.warning("ignoring malformed %s: %r", self.directory / LATEST_FILE, text[:40])
+            return None
+        return int(text)
+
+    def _signature(self, vdir: Path, names: list[str]) -> tuple:
+        return tuple(_stat_key(vdir / n) for n in [MANIFEST_FILE, *names])
+
+    def _verify(self, version: int) -> tuple[dict | str, bool]:
+        """(manifest or failure reason, whether it was computed now rather than cached).
+
+        Raises _Gone when the version folder does not exist.
+        """
+        vdir = self.directory / str(version)
+        with self._cache_lock:
+            cached = self._cache.get(version)
+        if cached is not None:
+            names, sig, result = cached
+            if self._signature(vdir, list(names)) == sig:
+                return result, False
+        if not vdir.is_dir():
+            raise _Gone(version)
+        result, names, sig = self._verify_uncached(version, vdir)
+        if not vdir.is_dir():  # pruned while we were hashing: gone, not broken
+            raise _Gone(version)
+        with self._cache_lock:
+            self._cache[version] = (tuple(names), sig, result)
+        return result, True
+
+    def _verify_uncached(self, version: int, vdir: Path) -> tuple[dict | str, list[str], tuple]:
+        try:
+            raw = (vdir / MANIFEST_FILE).read_bytes()
+        except FileNotFoundError:
+            return "manifest.json missing", [], self._signature(vdir, [])
+        try:
+            manifest = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"manifest.json does not parse: {e}", [], self._signature(vdir, [])
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not all(safe_name(n) and isinstance(h, str) for n, h in files.items()):
+            return "manifest.json has no valid files map", [], self._signature(vdir, [])
+        names = sorted(files)
+        # Stat before hashing: if a file changes after this, the next call sees a new signature.
+        sig = self._signature(vdir, names)
+        if manifest.get("version") != version:
+            return f"manifest.json names version {manifest.get('version')!r}", names, sig
+        if MODEL_FILE not in files:
+            return f"manifest.json does not list {MODEL_FILE}", names, sig
+        for name in names:
+            try:
+                digest = sha256_file(vdir / name)
+            except FileNotFoundError:
+                return f"{name} missing", names, sig
+            if digest != files[name]:
+                return f"{name} sha256 mismatch", names, sig
+        return manifest, names, sig
+
+    def _check(self, version: int, report: bool) -> dict | None:
+        """Verified manifest of `version` or None; reports fresh failures when `report`."""
+        try:
+            result, fresh = self._verify(version)
+        except _Gone:
+            return None
+        if isinstance(result, str):
+            if report and fresh:
+                log.warning("snapshot %d is broken (%s); falling back to an older one", version, result)
+                if self.on_fallback is not None:
+                    self.on_fallback(version, result)
+            return None
+        return result
+
+    def latest(self) -> dict | None:
+        """Manifest of the newest valid snapshot (LATEST first, then older ones), or None.
+
+        Verification (sha256 of every file) is cached per version and file
+        stat, so repeated calls only stat. `on_fallback(version, reason)` is
+        called once per newly detected broken version.
+        """
+        for _ in range(5):
+            head = self._read_latest()
+            older = [v for v in reversed(self.versions()) if head is None or v < head]
+            if head is not None:
+                found = self._check(head, report=True)
+                if found is not None:
+                    return copy.deepcopy(found)
+                if not (self.directory / str(head)).is_dir():
+                    if self._read_latest() != head:
+                        continue  # a publisher moved LATEST on and pruned `head`: read it again
+                    self._report_missing(head)
+            for v in older:
+                found = self._check(v, report=True)
+                if found is not None:
+                    return copy.deepcopy(found)
+            return None
+        return None
+
+    def _report_missing(self, version: int) -> None:
+        with self._cache_lock:
+            if version in self._missing_reported:
+                return
+            self._missing_reported.add(version)
+        log.warning("LATEST names snapshot %d, which does not exist", version)
+        if self.on_fallback is not None:
+            self.on_fallback(version, "version folder missing")
+
+    def manifest(self, version: int) -> dict | None:
+        """Verified manifest of one version, or None when missing or broken."""
+        found = self._check(version, report=False)
+        return copy.deepcopy(found) if found is not None else None
+
+    def file_path(self, version: int, name: str) -> Path | None:
+        """Path of a file listed in that version's manifest (or manifest.json itself).
+
+        Anything else (unlisted, '..', '/', NUL, absolute) -> None.
+        """
+        if not safe_name(name):
+            return None
+        found = self._check(version, report=False)
+        if found is None or (name != MANIFEST_FILE and name not in found["files"]):
+            return None
+        path = self.directory / str(version) / name
+        # Belt and braces: the resolved file must sit directly in the version folder.
+        if path.resolve().parent != (self.directory / str(version)).resolve():
+            return None
+        return path
+
+    # ---- publishing ----------------------------------------------------
+
+    def publish(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        manifest: Mapping[str, Any],
+        extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+    ) -> dict:
+        """Write a new version and point LATEST at it; returns the full manifest.
+
+        `weights` may live on any device; contiguous CPU copies are saved (so
+        tied/shared tensors are fine). `extra_files[name](path)` must write
+        `path` (e.g. model.onnx). Raises NonFiniteWeights on NaN/Inf.
+        """
+        cpu = {}
+        for name, t in weights.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"weights[{name!r}] is {type(t).__name__}, not a Tensor")
+            cpu[name] = t.detach().to("cpu", copy=True).contiguous()
+        bad = [n for n, t in cpu.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+        if bad:
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise NonFiniteWeights(f"refusing to publish non-finite weights in {', '.join(bad[:5])}{more}")
+        extra_files = dict(extra_files or {})
+        for name in extra_files:
+            if not safe_name(name) or name in (MODEL_FILE, MANIFEST_FILE):
+                raise ValueError(f"invalid extra file name {name!r}")
+        base = _json_safe(dict(manifest))
+        json.dumps(base, allow_nan=False)  # fail on non-JSON values before touching disk
+
+        with self._publish_lock:
+            if not self._cleaned:
+                self._remove_stale()
+            version = self._next_version()
+            tmp = self.directory / f".tmp-{version}"
+            remove_tree(tmp)
+            tmp.mkdir()
+            try:
+                save_file(cpu, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+                for name, write in extra_files.items():
+                    write(tmp / name)
+                    if not (tmp / name).is_file():
+                        raise FileNotFoundError(f"extra file writer for {name!r} did not create it")
+                files = {}
+                for p in sorted(tmp.iterdir()):  # writers may add companions (e.g. ONNX external data)
+                    if not p.is_file() or not safe_name(p.name):
+                        raise ValueError(f"unexpected entry {p.name!r} in snapshot (only plain files)")
+                    files[p.name] = sha256_file(p)
+                full = {**base, "version": version, "created_at": rfc3339_now(), "files": files}
+                (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+                atomic_publish_dir(tmp, self.directory / str(version))
+            except BaseException:
+                remove_tree(tmp)  # e.g. ENOSPC: the published versions and LATEST stay as they were
+                raise
+            # Only now is the version complete on disk; readers follow LATEST.
+            atomic_write_bytes(self.directory / LATEST_FILE, f"{version}\n".encode())
+            self._last_published = version
+            self._prune(head=version)
+        return copy.deepcopy(full)
+
+    def _next_version(self) -> int:
+        """Newest number ever used + 1: folders, LATEST, trash, and this process's memory.
+
+        Never reusing a number matters because clients cache by version (ETags).
+        """
+        used = [self._last_published, self._read_latest() or 0]
+        for n in os.listdir(self.directory):
+            if n.isascii() and n.isdigit():
+                used.append(int(n))
+            elif m := _TRASH.match(n):
+                used.append(int(m.group(1)))
+        return max(used) + 1
+
+    def _remove_stale(self) -> None:
+        """Drop leftovers of a crashed publisher (done lazily by the writer, never by readers
+        in other processes, which could otherwise delete an in-flight publication)."""
+        for n in os.listdir(self.directory):
+            if n.startswith((".tmp-", ".trash-")):
+                p = self.directory / n
+                if p.is_dir():
+                    remove_tree(p)
+                else:
+                    p.unlink(missing_ok=True)
+        self._cleaned = True
+
+    def _prune(self, head: int) -> None:
+        vs = self.versions()
+        for v in vs[: max(0, len(vs) - self.keep)]:
+            if v == head:
+                continue
+            # Rename first: the numeric folder vanishes in one step instead of file by file.
+            trash = self.directory / f".trash-{v}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(self.directory / str(v), trash)
+            except OSError as e:
+                log.warning("could not prune snapshot %d: %s", v, e)
+                continue
+            remove_tree(trash)
+            with self._cache_lock:
+                self._cache.pop(v, None)
+        fsync_dir(self.directory)

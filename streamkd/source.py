@@ -1,0 +1,365 @@
+"""Kafka at the edge: consumer threads feeding a bounded queue, offset commits, and the dead-letter producer.
+
+Decisions (see README "Delivery semantics"):
+
+* **assign(), not subscribe().** One daemon is one model lineage, and the
+  lineage's checkpoint is the source of truth for offsets, so there is nothing
+  for a group rebalance to decide. With ``assign()`` there are no group joins,
+  no heartbeats and no ``max_poll_interval_ms``: a slow GPU step can never get
+  the consumer evicted, and blocking on the full queue is safe. The group id
+  is still used to *commit* offsets, so lag exporters and operators see
+  progress.
+* **Seek to the checkpoint, not to the committed offsets.** Committed offsets
+  trail the newest durable checkpoint, never lead it; on start every partition
+  is sought to the checkpoint's next offset (or ``auto_offset_reset`` for a
+  partition it does not know).
+* **Parallel consumption.** ``kafka.consumers`` threads each own the partitions
+  ``p % consumers == i``; a partition stays on one thread, so its records reach
+  the queue in offset order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .config import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+_SECURITY_KEYS = ("security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
+                  "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_check_hostname")
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One Kafka record as consumed: bytes untouched, offsets for resume."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.value or b"") + len(self.key or b"")
+
+
+def client_config(cfg: KafkaConfig) -> dict[str, Any]:
+    """Settings shared by every kafka-python client we create (security passes straight through)."""
+    out: dict[str, Any] = {
+        "bootstrap_servers": [s.strip() for s in cfg.bootstrap_servers.split(",") if s.strip()],
+        "client_id": cfg.client_id,
+        "request_timeout_ms": cfg.request_timeout_ms,
+        "reconnect_backoff_max_ms": cfg.reconnect_backoff_max_ms,
+    }
+    for key in _SECURITY_KEYS:
+        value = getattr(cfg, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+class RecordQueue:
+    """A FIFO bounded by records AND bytes, so a burst of big images cannot exhaust memory."""
+
+    def __init__(self, max_records: int, max_bytes: int):
+        self.max_records, self.max_bytes = max_records, max_bytes
+        self._items: deque[RawRecord] = deque()
+        self._bytes = 0
+        self._cv = threading.Condition()
+
+    def put(self, rec: RawRecord, stop: threading.Event) -> bool:
+        """Block until there is room (one oversized record is always admitted into an empty queue)."""
+        with self._cv:
+            while self._items and (len(self._items) >= self.max_records or self._bytes + rec.nbytes > self.max_bytes):
+                if stop.is_set():
+                    return False
+                self._cv.wait(0.1)
+            self._items.append(rec)
+            self._bytes += rec.nbytes
+            self._cv.notify_all()
+            return True
+
+    def get_many(self, max_items: int, timeout: float) -> list[RawRecord]:
+        """Up to ``max_items`` records; waits up to ``timeout`` seconds for the first."""
+        with self._cv:
+            if not self._items:
+                self._cv.wait(timeout)
+            out = []
+            while self._items and len(out) < max_items:
+                rec = self._items.popleft()
+                self._bytes -= rec.nbytes
+                out.append(rec)
+            if out:
+                self._cv.notify_all()
+            return out
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class SourceStatus:
+    """What the consumer threads report; read by the loop and /readyz."""
+
+    assigned: set[int] = field(default_factory=set)
+    highwater: dict[int, int] = field(default_factory=dict)
+    reachable: bool = False
+    last_ok: float = 0.0
+
+
+class KafkaSource:
+    """Consumer threads that fill ``queue`` from every partition of ``cfg.topic``, starting at ``start_offsets``."""
+
+    def __init__(self, cfg: KafkaConfig, queue: RecordQueue, start_offsets: dict[int, int],
+                 stop: threading.Event, *, on_consumed: Callable[[int], None] = lambda n: None,
+                 on_error: Callable[[str], None] = lambda op: None, probe_every_s: float = 5.0):
+        self.cfg = cfg
+        self.queue = queue
+        self.start_offsets = dict(start_offsets)
+        self.stop_event = stop
+        self.on_consumed = on_consumed
+        self.on_error = on_error
+        self.probe_every_s = probe_every_s
+        self.status = SourceStatus()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._committer = None
+        self._commit_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        for i in range(self.cfg.consumers):
+            t = threading.Thread(target=self._run, args=(i,), name=f"kafka-consumer-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return bool(self.status.assigned) and self.status.reachable
+
+    def highwater(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self.status.highwater)
+
+    # -- commits -------------------------------------------------------------------------
+    def commit(self, offsets: dict[int, int]) -> bool:
+        """Commit ``{partition: next_offset}`` to the group (call only after the checkpoint is durable).
+
+        Uses its own client, so the consumer threads never block on it. A failed
+        commit is logged and counted, not fatal: the checkpoint, not the group,
+        is the source of truth, and the next checkpoint commits again.
+        """
+        from kafka import KafkaConsumer, TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        if not offsets:
+            return True
+        with self._commit_lock:
+            try:
+                if self._committer is None:
+                    self._committer = KafkaConsumer(group_id=self.cfg.group_id, enable_auto_commit=False,
+                                                    **client_config(self.cfg), **dict(self.cfg.extra))
+                self._committer.commit({TopicPartition(self.cfg.topic, p): OffsetAndMetadata(o, "", -1)
+                                        for p, o in offsets.items()})
+                return True
+            except Exception as e:  # noqa: BLE001 - broker trouble: retried at the next checkpoint
+                log.warning("offset commit failed (%s); the next checkpoint retries it", type(e).__name__)
+                self.on_error("commit")
+                self._close_committer()
+                return False
+
+    def close(self) -> None:
+        with self._commit_lock:
+            self._close_committer()
+
+    def _close_committer(self) -> None:
+        if self._committer is not None:
+            try:
+                self._committer.close(autocommit=False)
+            except Exception:  # noqa: BLE001
+                pass
+            self._committer = None
+
+    # -- the consumer thread ------------------------------------------------------------------
+    def _connect(self, index: int):
+        """A KafkaConsumer, retrying with capped exponential backoff until the broker answers or we stop."""
+        from kafka import KafkaConsumer
+
+        delay = 0.5
+        while not self.stop_event.is_set():
+            try:
+                return KafkaConsumer(
+                    group_id=self.cfg.group_id,
+                    enable_auto_commit=False,  # offsets are committed only after a durable checkpoint
+                    auto_offset_reset=self.cfg.auto_offset_reset,
+                    max_poll_records=self.cfg.max_poll_records,
+                    fetch_max_bytes=self.cfg.fetch_max_bytes,
+                    max_partition_fetch_bytes=self.cfg.max_partition_fetch_bytes,
+                    **client_config(self.cfg), **dict(self.cfg.extra))
+            except Exception as e:  # noqa: BLE001 - NoBrokersAvailable, DNS, TLS handshake...
+                self._set_reachable(False, f"cannot reach Kafka at {self.cfg.bootstrap_servers} "
+                                           f"({type(e).__name__}: {e}); retrying in {delay:.1f} s")
+                self.on_error("connect")
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, self.cfg.reconnect_backoff_max_ms / 1000)
+        return None
+
+    def _set_reachable(self, ok: bool, message: str = "") -> None:
+        with self._lock:
+            was = self.status.reachable
+            self.status.reachable = ok
+            if ok:
+                self.status.last_ok = time.monotonic()
+        if was != ok or (not ok and message):
+            (log.info if ok else log.warning)(message or ("Kafka reachable" if ok else "Kafka unreachable"))
+
+    def _mine(self, partitions: Iterable[int], index: int) -> list[int]:
+        return sorted(p for p in partitions if p % self.cfg.consumers == index)
+
+    def _assign_new(self, consumer, index: int, owned: list[int]) -> list[int]:
+        from kafka import TopicPartition
+
+        parts = consumer.partitions_for_topic(self.cfg.topic)
+        if not parts:
+            return owned
+        mine = self._mine(parts, index)
+        if mine == owned:
+            return owned
+        tps = [TopicPartition(self.cfg.topic, p) for p in mine]
+        consumer.assign(tps)
+        for p in mine:
+            if p in owned:
+                continue
+            tp = TopicPartition(self.cfg.topic, p)
+            if p in self.start_offsets:
+                # Resume at the checkpoint's next offset: that record is not yet in the model.
+                consumer.seek(tp, self.start_offsets[p])
+            elif self.cfg.auto_offset_reset == "earliest":
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek_to_end(tp)
+        with self._lock:
+            self.status.assigned.update(mine)
+        log.info("consumer %d assigned partitions %s of %s (start offsets %s)", index, mine, self.cfg.topic,
+                 {p: self.start_offsets.get(p, self.cfg.auto_offset_reset) for p in mine})
+        return mine
+
+    def _run(self, index: int) -> None:
+        from kafka import TopicPartition
+
+        consumer = self._connect(index)
+        if consumer is None:
+            return
+        self._set_reachable(True, f"connected to Kafka at {self.cfg.bootstrap_servers}")
+        owned: list[int] = []
+        last_refresh = last_probe = 0.0
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if not owned or now - last_refresh > self.cfg.metadata_refresh_s:
+                    last_refresh = now
+                    try:
+                        owned = self._assign_new(consumer, index, owned)
+                    except Exception as e:  # noqa: BLE001
+                        log.warning("partition discovery failed: %s", e)
+                        self.on_error("metadata")
+                    if not owned:
+                        if not self.cfg.topic in (consumer.topics() or set()):
+                            log.warning("topic %r does not exist yet; waiting", self.cfg.topic)
+                        self.stop_event.wait(1.0)
+                        continue
+                try:
+                    batches = consumer.poll(timeout_ms=200)
+                except Exception as e:  # noqa: BLE001 - kafka-python retries connections itself
+                    self.on_error("poll")
+                    self._set_reachable(False, f"Kafka poll failed ({type(e).__name__}: {e}); retrying")
+                    self.stop_event.wait(1.0)
+                    continue
+                n = 0
+                for tp, records in batches.items():
+                    for r in records:
+                        rec = RawRecord(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []))
+                        if not self.queue.put(rec, self.stop_event):
+                            return  # stopping: what is not queued is re-read after restart
+                        n += 1
+                if n:
+                    self.on_consumed(n)
+                    self._set_reachable(True, "Kafka reachable again")
+                    last_probe = time.monotonic()
+                with self._lock:
+                    for p in owned:
+                        hw = consumer.highwater(TopicPartition(self.cfg.topic, p))
+                        if hw is not None:
+                            self.status.highwater[p] = hw
+                if not n and time.monotonic() - last_probe > self.probe_every_s:
+                    # Idle: make sure the broker is still there (a frozen broker looks idle too).
+                    last_probe = time.monotonic()
+                    try:
+                        consumer.end_offsets([TopicPartition(self.cfg.topic, owned[0])])
+                        self._set_reachable(True, "Kafka reachable again")
+                    except Exception as e:  # noqa: BLE001
+                        self.on_error("probe")
+                        self._set_reachable(False, f"Kafka not answering ({type(e).__name__}); "
+                                                   "waiting for it to come back")
+        finally:
+            try:
+                consumer.close(autocommit=False)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+class DeadLetters:
+    """Produces rejected records to ``kafka.dlq_topic`` with ``streamkd-error`` / ``streamkd-source`` headers."""
+
+    def __init__(self, cfg: KafkaConfig, max_value_bytes: int):
+        self.cfg = cfg
+        self.max_value_bytes = max_value_bytes
+        self._producer = None
+        self._lock = threading.Lock()
+
+    def _get(self):
+        from kafka import KafkaProducer
+
+        with self._lock:
+            if self._producer is None:
+                self._producer = KafkaProducer(acks="all", linger_ms=20, retries=10, **client_config(self.cfg))
+            return self._producer
+
+    def send(self, rec: RawRecord, reason: str) -> None:
+        if self.cfg.dlq_topic is None:
+            return
+        value = rec.value or b""
+        headers = [(k, v) for k, v in rec.headers if not k.startswith("streamkd-")]
+        if len(value) > self.max_value_bytes:
+            # Keep the DLQ within broker limits; the source header still points at the original.
+            value = value[: self.max_value_bytes]
+            headers.append(("streamkd-truncated", b"1"))
+        headers += [("streamkd-error", reason.encode()),
+                    ("streamkd-source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode())]
+        self._get().send(self.cfg.dlq_topic, value=value, key=rec.key, headers=headers)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Block until every dead letter is acknowledged (called before offsets covering them are committed)."""
+        if self._producer is not None:
+            self._producer.flush(timeout=timeout_s)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=5)
+            except Exception:  # noqa: BLE001
+                pass
