@@ -8,6 +8,7 @@ it into exit code 2).
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import hashlib
 import json
@@ -317,7 +318,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return tuple(_coerce(args[0], v, key) for v in value)
-    if origin in (Mapping, dict) or tp is Mapping:
+    if origin in (Mapping, dict, collections.abc.Mapping) or tp is Mapping:
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"expected a mapping, got {_show(value)}")
         return dict(value)

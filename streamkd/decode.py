@@ -232,7 +232,7 @@ def _decode_npy(value: bytes, limits: Limits) -> np.ndarray:
             raise _Reject("corrupt", f"unsupported npy version {version}")
     except _Reject:
         raise
-    except Exception as e:  # numpy's messages quote the header: keep it out of detail
+    except Exception as e:  # noqa: BLE001 - numpy quotes the header: keep it out of detail
         raise _Reject("corrupt", f"unreadable npy header ({type(e).__name__})") from None
 
     if dtype != np.uint8:

@@ -14,7 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from streamkd.decode import REASONS, Decoded, Limits, Rejected, decode_record, sniff_format
+from streamkd.decode import (
+    REASONS,
+    Decoded,
+    Limits,
+    Rejected,
+    decode_record,
+    sniff_format,
+)
 
 # decode must not warn on any input (a warning is global output and, under
 # -W error, an exception): turning warnings into errors makes any that do
@@ -129,7 +136,7 @@ def test_png_modes_convert_to_1_or_3_channels() -> None:
     pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
     pal.putdata([0, 1, 1, 0, 0, 1])
     # tRNS on a P image makes PIL's convert("RGB") warn unless we drop it first.
-    out = _decoded(_pil_bytes(pal, "PNG", transparency=bytes([0, 255]))).images
+    out = _decoded(_pil_bytes(pal, "PNG", transparency=bytes([0, 128]))).images
     assert out.shape == (1, 3, 2, 3)
     assert out[0, :, 0, 0].tolist() == [10, 20, 30] and out[0, :, 0, 1].tolist() == [200, 100, 50]
 
@@ -263,7 +270,7 @@ def test_png_header_too_many_pixels_before_decoding() -> None:
     assert _decoded(small).images[0, 0, 0].tolist() == [1, 2, 3, 4]
     # 30000x30000 with a few bytes of IDAT: decoding would have said "corrupt".
     assert _reason(_png_by_hand(30000, 30000, zlib.compress(b"\x00" * 64))) == "too_many_pixels"
-    assert Image.MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)  # PIL global untouched
+    assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # PIL global untouched
 
 
 def test_jpeg_sof_too_many_pixels() -> None:

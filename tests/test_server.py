@@ -1,0 +1,211 @@
+"""The HTTP port, against a real SnapshotStore and a fresh registry, over real sockets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, Counter
+
+from streamkd.server import HttpServer
+from streamkd.snapshot import SnapshotStore
+
+TOKEN = "s3cret-token"
+
+
+class Flags:
+    healthy = True
+    ready = False
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SnapshotStore:
+    s = SnapshotStore(tmp_path / "snapshots")
+    s.publish({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}, {"step": 1})
+    s.publish(
+        {"w": torch.ones(1000, 300)},  # > 1 MiB: streamed in several chunks
+        {"step": 2, "metrics": {"agreement": 0.9, "kd_loss": 0.1}},
+        extra_files={"model.onnx": lambda p: p.write_bytes(b"onnx")},
+    )
+    return s
+
+
+def make_server(store: SnapshotStore | None, token: str | None = None) -> tuple[HttpServer, Flags, Counter]:
+    registry = CollectorRegistry()
+    counter = Counter("streamkd_test_events", "Events for the test.", registry=registry)
+    counter.inc(3)
+    flags = Flags()
+    server = HttpServer("127.0.0.1", 0, registry, healthy=lambda: flags.healthy, ready=lambda: flags.ready, snapshots=store, token=token)
+    server.start()
+    return server, flags, counter
+
+
+@pytest.fixture
+def server(store: SnapshotStore) -> Iterator[tuple[HttpServer, Flags]]:
+    srv, flags, _ = make_server(store)
+    yield srv, flags
+    srv.stop()
+
+
+def request(server: HttpServer, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Raw http.client request: urllib would normalise '..' and refuse odd methods."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def test_metrics(server) -> None:
+    srv, _ = server
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        assert "streamkd_test_events_total 3.0" in r.read().decode()
+    status, headers, body = request(srv, "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert status == 200 and headers["content-type"].startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+
+
+def test_health_and_ready_flip(server) -> None:
+    srv, flags = server
+    assert request(srv, "/healthz")[0] == 200
+    assert request(srv, "/readyz")[0] == 503
+    flags.ready, flags.healthy = True, False
+    assert request(srv, "/healthz")[0] == 503
+    assert request(srv, "/readyz")[0] == 200
+
+
+def test_latest_and_version_manifest(server, store: SnapshotStore) -> None:
+    srv, _ = server
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/v1/snapshots/latest", timeout=10) as r:
+        assert r.headers["Content-Type"] == "application/json"
+        latest = json.load(r)
+    assert latest == store.latest()
+    assert latest["version"] == 2 and sorted(latest["files"]) == ["model.onnx", "model.safetensors"]
+    status, _, body = request(srv, "/v1/snapshots/1")
+    assert status == 200 and json.loads(body)["version"] == 1
+    assert request(srv, "/v1/snapshots/3")[0] == 404
+
+
+def test_file_download_etag_304_and_head(server, store: SnapshotStore) -> None:
+    srv, _ = server
+    on_disk = (store.directory / "2" / "model.safetensors").read_bytes()
+    status, headers, body = request(srv, "/v1/snapshots/2/model.safetensors")
+    assert status == 200 and body == on_disk
+    assert headers["content-type"] == "application/octet-stream"
+    assert headers["content-length"] == str(len(on_disk))
+    etag = headers["etag"]
+    assert etag == f'"{store.latest()["files"]["model.safetensors"]}"'
+
+    assert request(srv, "/v1/snapshots/2/model.safetensors", headers={"If-None-Match": etag})[:3:2] == (304, b"")
+    assert request(srv, "/v1/snapshots/2/model.safetensors", headers={"If-None-Match": '"other", ' + etag})[0] == 304
+    assert request(srv, "/v1/snapshots/2/model.safetensors", headers={"If-None-Match": '"other"'})[0] == 200
+
+    status, headers, body = request(srv, "/v1/snapshots/2/model.safetensors", method="HEAD")
+    assert status == 200 and body == b"" and headers["content-length"] == str(len(on_disk))
+
+    status, headers, body = request(srv, "/v1/snapshots/2/manifest.json")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert body == (store.directory / "2" / "manifest.json").read_bytes()
+    assert request(srv, "/v1/snapshots/2/model.onnx")[2] == b"onnx"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/snapshots/1/../../etc/passwd",
+        "/v1/snapshots/1/%2e%2e/%2e%2e/etc/passwd",
+        "/v1/snapshots/1/..%2F..%2FLATEST",
+        "/v1/snapshots/..%2FLATEST",
+        "/v1/snapshots/1//etc/passwd",
+        "/v1/snapshots/1/%2Fetc%2Fpasswd",
+        "/v1/snapshots/%31/model.safetensors%00",
+        "/v1/snapshots/-1/model.safetensors",
+        "/v1/snapshots/1/LATEST",
+        "/v1/snapshots/1/unlisted.bin",
+        "/v1/snapshots/1/model.safetensors/",
+        "/v1/snapshots/",
+        "/v1/snapshots",
+        "/metrics/x",
+        "/",
+        "/etc/passwd",
+    ],
+)
+def test_traversal_and_unknown_paths_404(server, store: SnapshotStore, path: str) -> None:
+    (store.directory / "1" / "unlisted.bin").write_bytes(b"secret")
+    srv, _ = server
+    status, _, body = request(srv, path)
+    assert status == 404, (path, body)
+    assert b"root:" not in body and b"secret" not in body
+
+
+def test_method_not_allowed(server) -> None:
+    srv, _ = server
+    for method in ("POST", "PUT", "DELETE", "PATCH", "BREW"):
+        status, headers, _ = request(srv, "/v1/snapshots/latest", method=method)
+        assert status == 405, method
+        assert headers["allow"] == "GET, HEAD"
+
+
+def test_token_required_for_snapshots_only(store: SnapshotStore, caplog: pytest.LogCaptureFixture) -> None:
+    srv, _, _ = make_server(store, token=TOKEN)
+    caplog.set_level(logging.DEBUG)
+    try:
+        for path in ("/v1/snapshots/latest", "/v1/snapshots/2/model.safetensors", "/v1/snapshots/9/nope"):
+            assert request(srv, path)[0] == 401
+            assert request(srv, path, headers={"Authorization": "Bearer wrong"})[0] == 401
+            assert request(srv, path, headers={"Authorization": f"Basic {TOKEN}"})[0] == 401
+        status, headers, _ = request(srv, "/v1/snapshots/latest")
+        assert headers["www-authenticate"].startswith("Bearer")
+        assert request(srv, "/v1/snapshots/latest", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert request(srv, "/v1/snapshots/2/model.onnx", headers={"Authorization": f"bearer {TOKEN}"})[2] == b"onnx"
+        for path in ("/metrics", "/healthz"):
+            assert request(srv, path)[0] == 200
+        assert TOKEN not in caplog.text
+    finally:
+        srv.stop()
+
+
+def test_no_store_and_empty_store(tmp_path: Path) -> None:
+    srv, _, _ = make_server(None)
+    try:
+        assert request(srv, "/v1/snapshots/latest")[0] == 404
+    finally:
+        srv.stop()
+    srv, _, _ = make_server(SnapshotStore(tmp_path / "empty"))
+    try:
+        assert request(srv, "/v1/snapshots/latest")[0] == 404
+    finally:
+        srv.stop()
+
+
+def test_handler_errors_become_500_and_server_survives(store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, flags, _ = make_server(store)
+    try:
+        monkeypatch.setattr(store, "latest", lambda: 1 / 0)
+        assert request(srv, "/v1/snapshots/latest")[0] == 500
+        flags.healthy = lambda: 1 / 0  # a raising health check reads as unhealthy
+        srv.healthy = lambda: 1 / 0
+        assert request(srv, "/healthz")[0] == 503
+        assert request(srv, "/metrics")[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_stop_releases_port(store: SnapshotStore) -> None:
+    srv, _, _ = make_server(store)
+    port = srv.port
+    assert port > 0
+    srv.stop()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
