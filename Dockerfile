@@ -27,8 +27,8 @@ LABEL org.opencontainers.image.title="streamkd" \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Container defaults; the config file and STREAMKD_* variables of the run override them.
-# Caches (torch hub weights, datasets) live on the state volume: the root filesystem may be
-# read-only (the Kubernetes manifests make it so).
+# Caches (torch hub weights, Triton kernels with train.compile, datasets) live on the state
+# volume: the root filesystem may be read-only (the Kubernetes manifests make it so).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -38,6 +38,7 @@ ENV PYTHONUNBUFFERED=1 \
     STREAMKD_CHECKPOINT__DIR=/var/lib/streamkd/checkpoints \
     STREAMKD_SNAPSHOT__DIR=/var/lib/streamkd/snapshots \
     TORCH_HOME=/var/lib/streamkd/cache/torch \
+    TRITON_CACHE_DIR=/var/lib/streamkd/cache/triton \
     XDG_CACHE_HOME=/var/lib/streamkd/cache
 
 # TARGETARCH is set by BuildKit from the target platform (amd64 or arm64).

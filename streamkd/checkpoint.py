@@ -24,15 +24,15 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .fsutil import atomic_publish_dir, fsync_dir, remove_tree
 
-__all__ = ["TrainState", "CheckpointStore", "CheckpointError", "is_finite_state"]
+__all__ = ["CheckpointError", "CheckpointStore", "TrainState", "is_finite_state"]
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"step-(\d{12})")
@@ -57,9 +57,9 @@ class TrainState:
 def is_finite_state(student: dict[str, torch.Tensor]) -> bool:
     """True when no floating/complex tensor of a state_dict holds NaN or Inf."""
     for t in student.values():
-        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
-            if not bool(torch.isfinite(t).all()):
-                return False
+        floating = isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+        if floating and not bool(torch.isfinite(t).all()):
+            return False
     return True
 
 
@@ -119,7 +119,7 @@ class CheckpointStore:
     def list(self) -> list[Path]:
         """Checkpoint folders with a well-formed name, newest (highest step) first."""
         found = [p for p in self.directory.iterdir() if _NAME.fullmatch(p.name) and p.is_dir()]
-        return sorted(found, key=lambda p: p.name, reverse=True)
+        return sorted(found, key=lambda p: int(p.name[len("step-"):]), reverse=True)
 
     def save(self, state: TrainState) -> Path:
         """Write `state` durably; when this returns, the checkpoint survives a crash."""
@@ -200,8 +200,10 @@ class CheckpointStore:
             raise CheckpointError("meta.json missing") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"meta.json does not parse: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"meta.json has unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        if not isinstance(meta, dict):
+            raise CheckpointError("meta.json is not an object")
+        if meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"meta.json has unknown format {meta.get('format')!r}")
         for key in ("step", "samples_seen"):
             if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int):
                 raise CheckpointError(f"meta.json: {key} is not an integer")
@@ -217,9 +219,9 @@ class CheckpointStore:
             raise CheckpointError(f"state.pt sha256 mismatch ({len(data)} bytes)")
         try:
             blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for bad zips
+        except Exception as e:  # noqa: BLE001 - any load failure means "corrupt": UnpicklingError, bad zip, ...
             raise CheckpointError(f"state.pt does not load: {type(e).__name__}: {e}") from None
-        if not isinstance(blob, dict) or not isinstance(blob.get("student"), dict) or not isinstance(blob.get("optimizer"), dict):
+        if not isinstance(blob, dict) or not all(isinstance(blob.get(k), dict) for k in ("student", "optimizer")):
             raise CheckpointError("state.pt lacks student/optimizer dicts")
         student = blob["student"]
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in student.items()):
@@ -242,6 +244,8 @@ class CheckpointStore:
             try:
                 return self.load(path)
             except (CheckpointError, OSError) as e:
+                if not path.exists():
+                    continue  # pruned by a concurrent save(): gone, not corrupt
                 reason = str(e)
                 log.warning("checkpoint %s unusable (%s); falling back to the previous one", path, reason)
                 if self.on_fallback is not None:

@@ -72,7 +72,7 @@ class _Reject(Exception):
 
 
 def sniff_format(value: bytes) -> str | None:
-    """"jpeg" | "png" | "webp" | "npy" from the magic bytes, else None."""
+    """The format named by the magic bytes: "jpeg", "png", "webp", "npy", or None."""
     head = bytes(value[:16])
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"

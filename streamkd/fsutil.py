@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "fsync_dir", "sha256_file", "fsync_tree", "atomic_publish_dir", "remove_tree"]
+__all__ = ["atomic_publish_dir", "atomic_write_bytes", "fsync_dir", "fsync_tree", "remove_tree", "sha256_file"]
 
 _CHUNK = 1 << 20
 
@@ -100,7 +100,7 @@ def atomic_publish_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
         fsync_tree(tmp_dir)
         if final_dir.exists():
             raise FileExistsError(f"{final_dir} already exists")
-        os.rename(tmp_dir, final_dir)
+        os.replace(tmp_dir, final_dir)  # a rename(2); checked above that it replaces nothing
     except BaseException:
         remove_tree(tmp_dir)
         raise

@@ -184,7 +184,7 @@ def _build_torchvision(
         try:
             resolved = enum[weights]
         except KeyError:
-            choices = ", ".join(["DEFAULT", *enum.__members__])
+            choices = ", ".join(enum.__members__)  # includes the DEFAULT alias
             raise ValueError(f"Invalid weights {weights!r} for {spec!r}. Valid: {choices} or a file") from None
         try:
             model = torchvision.models.get_model(name, weights=resolved)

@@ -23,16 +23,23 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from .fsutil import atomic_publish_dir, atomic_write_bytes, fsync_dir, remove_tree, sha256_file
+from .fsutil import (
+    atomic_publish_dir,
+    atomic_write_bytes,
+    fsync_dir,
+    remove_tree,
+    sha256_file,
+)
 
-__all__ = ["NonFiniteWeights", "SnapshotStore", "MODEL_FILE", "MANIFEST_FILE", "rfc3339_now"]
+__all__ = ["LATEST_FILE", "MANIFEST_FILE", "MODEL_FILE", "NonFiniteWeights", "SnapshotStore", "rfc3339_now", "safe_name"]
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -104,7 +111,7 @@ class SnapshotStore:
         self._cache_lock = threading.Lock()
         # version -> (file names, their stat signature, manifest or failure reason)
         self._cache: dict[int, tuple[tuple[str, ...], tuple, dict | str]] = {}
-        self._missing_reported: set[int] = set()
+        self._reported: set[tuple[int, str]] = set()  # (version, reason) already passed to on_fallback
         self._cleaned = False
         self._last_published = 0
 
@@ -131,18 +138,15 @@ class SnapshotStore:
     def _signature(self, vdir: Path, names: list[str]) -> tuple:
         return tuple(_stat_key(vdir / n) for n in [MANIFEST_FILE, *names])
 
-    def _verify(self, version: int) -> tuple[dict | str, bool]:
-        """(manifest or failure reason, whether it was computed now rather than cached).
-
-        Raises _Gone when the version folder does not exist.
-        """
+    def _verify(self, version: int) -> dict | str:
+        """The manifest, or why the version is broken; raises _Gone when its folder does not exist."""
         vdir = self.directory / str(version)
         with self._cache_lock:
             cached = self._cache.get(version)
         if cached is not None:
             names, sig, result = cached
             if self._signature(vdir, list(names)) == sig:
-                return result, False
+                return result
         if not vdir.is_dir():
             raise _Gone(version)
         result, names, sig = self._verify_uncached(version, vdir)
@@ -150,7 +154,7 @@ class SnapshotStore:
             raise _Gone(version)
         with self._cache_lock:
             self._cache[version] = (tuple(names), sig, result)
-        return result, True
+        return result
 
     def _verify_uncached(self, version: int, vdir: Path) -> tuple[dict | str, list[str], tuple]:
         try:
@@ -181,18 +185,25 @@ class SnapshotStore:
         return manifest, names, sig
 
     def _check(self, version: int, report: bool) -> dict | None:
-        """Verified manifest of `version` or None; reports fresh failures when `report`."""
+        """Verified manifest of `version` or None; `report`: tell on_fallback (once) when broken."""
         try:
-            result, fresh = self._verify(version)
+            result = self._verify(version)
         except _Gone:
             return None
         if isinstance(result, str):
-            if report and fresh:
-                log.warning("snapshot %d is broken (%s); falling back to an older one", version, result)
-                if self.on_fallback is not None:
-                    self.on_fallback(version, result)
+            if report:
+                self._report(version, result)
             return None
         return result
+
+    def _report(self, version: int, reason: str) -> None:
+        with self._cache_lock:
+            if (version, reason) in self._reported:
+                return
+            self._reported.add((version, reason))
+        log.warning("snapshot %d is unusable (%s); falling back to an older one", version, reason)
+        if self.on_fallback is not None:
+            self.on_fallback(version, reason)
 
     def latest(self) -> dict | None:
         """Manifest of the newest valid snapshot (LATEST first, then older ones), or None.
@@ -201,7 +212,7 @@ class SnapshotStore:
         stat, so repeated calls only stat. `on_fallback(version, reason)` is
         called once per newly detected broken version.
         """
-        for _ in range(5):
+        for attempt in range(5):
             head = self._read_latest()
             older = [v for v in reversed(self.versions()) if head is None or v < head]
             if head is not None:
@@ -209,24 +220,16 @@ class SnapshotStore:
                 if found is not None:
                     return copy.deepcopy(found)
                 if not (self.directory / str(head)).is_dir():
-                    if self._read_latest() != head:
+                    if self._read_latest() == head:
+                        self._report(head, "version folder missing")
+                    elif attempt < 4:
                         continue  # a publisher moved LATEST on and pruned `head`: read it again
-                    self._report_missing(head)
             for v in older:
                 found = self._check(v, report=True)
                 if found is not None:
                     return copy.deepcopy(found)
             return None
         return None
-
-    def _report_missing(self, version: int) -> None:
-        with self._cache_lock:
-            if version in self._missing_reported:
-                return
-            self._missing_reported.add(version)
-        log.warning("LATEST names snapshot %d, which does not exist", version)
-        if self.on_fallback is not None:
-            self.on_fallback(version, "version folder missing")
 
     def manifest(self, version: int) -> dict | None:
         """Verified manifest of one version, or None when missing or broken."""
@@ -268,7 +271,8 @@ class SnapshotStore:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"weights[{name!r}] is {type(t).__name__}, not a Tensor")
             cpu[name] = t.detach().to("cpu", copy=True).contiguous()
-        bad = [n for n, t in cpu.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+        floating = {n: t for n, t in cpu.items() if t.is_floating_point() or t.is_complex()}
+        bad = [n for n, t in floating.items() if not bool(torch.isfinite(t).all())]
         if bad:
             more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
             raise NonFiniteWeights(f"refusing to publish non-finite weights in {', '.join(bad[:5])}{more}")

@@ -112,7 +112,6 @@ def test_crash_before_rename_keeps_old_and_cleans_tmp(tmp_path: Path, monkeypatc
     def boom(*a, **k):
         raise OSError(errno.EIO, "simulated crash")
 
-    monkeypatch.setattr(os, "rename", boom)
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
         store.save(make_state(3))
@@ -178,7 +177,9 @@ def _missing_state(d: Path) -> None:
     (d / "state.pt").unlink()
 
 
-@pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_zero, _corrupt_flip, _corrupt_meta, _zero_meta, _missing_state])
+@pytest.mark.parametrize(
+    "corrupt", [_corrupt_truncate, _corrupt_zero, _corrupt_flip, _corrupt_meta, _zero_meta, _missing_state]
+)
 def test_corrupt_newest_falls_back(tmp_path: Path, corrupt) -> None:
     seen: list[tuple[Path, str]] = []
     store = CheckpointStore(tmp_path, keep=3, on_fallback=lambda p, r: seen.append((p, r)))
@@ -250,21 +251,21 @@ def test_prune_runs_after_durable_save(tmp_path: Path, monkeypatch: pytest.Monke
 def test_save_is_durable_before_return(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Exactly-once: the data files are fsynced before the rename, the parent dir after it.
     events: list[str] = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd: int) -> None:
         events.append("fsync:" + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
-    def rename(a, b) -> None:
+    def replace(a, b) -> None:
         events.append("rename")
-        real_rename(a, b)
+        real_replace(a, b)
 
     if not os.path.exists("/proc/self/fd"):
         pytest.skip("needs /proc")
     store = CheckpointStore(tmp_path / "ck")
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
     store.save(make_state(1))
     monkeypatch.undo()
     r = events.index("rename")

@@ -224,3 +224,28 @@ def test_shipped_teacher_matches_its_manifest():
     assert manifest["test_acc"] >= 0.93
     m = build_model(models.TEACHER_SPEC, 10, in_channels=1, input_size=(28, 28), weights=str(path))
     assert num_classes_of(m, (28, 28), 1) == 10
+
+
+def test_torchvision_weights_enum_resolved_then_adapted(monkeypatch):
+    import torchvision
+
+    real = torchvision.models.get_model
+    calls = []
+
+    def fake(name, **kwargs):  # stands in for the hub download: a stock net, no network
+        calls.append(kwargs)
+        return real(name)
+
+    monkeypatch.setattr(torchvision.models, "get_model", fake)
+    m = build_model("torchvision:resnet18", 10, in_channels=1, input_size=(32, 32), weights="DEFAULT")
+    assert calls[-1]["weights"] is torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    assert m.fc.out_features == 10 and m.conv1.in_channels == 1
+
+    def offline(name, **kwargs):
+        import urllib.error
+
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(RuntimeError, match="could not fetch torchvision weights .*IMAGENET1K_V1"):
+        build_model("torchvision:resnet18", 10, in_channels=3, input_size=(32, 32), weights="IMAGENET1K_V1")

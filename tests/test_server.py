@@ -7,8 +7,8 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -25,9 +25,10 @@ class Flags:
     ready = False
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> SnapshotStore:
-    s = SnapshotStore(tmp_path / "snapshots")
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> SnapshotStore:
+    # Module-scoped (tests only read it): publishing and server start/stop dominate otherwise.
+    s = SnapshotStore(tmp_path_factory.mktemp("snapshots"))
     s.publish({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}, {"step": 1})
     s.publish(
         {"w": torch.ones(1000, 300)},  # > 1 MiB: streamed in several chunks
@@ -42,19 +43,31 @@ def make_server(store: SnapshotStore | None, token: str | None = None) -> tuple[
     counter = Counter("streamkd_test_events", "Events for the test.", registry=registry)
     counter.inc(3)
     flags = Flags()
-    server = HttpServer("127.0.0.1", 0, registry, healthy=lambda: flags.healthy, ready=lambda: flags.ready, snapshots=store, token=token)
+    server = HttpServer(
+        "127.0.0.1", 0, registry,
+        healthy=lambda: flags.healthy, ready=lambda: flags.ready, snapshots=store, token=token,
+    )
     server.start()
     return server, flags, counter
 
 
-@pytest.fixture
-def server(store: SnapshotStore) -> Iterator[tuple[HttpServer, Flags]]:
+@pytest.fixture(scope="module")
+def module_server(store: SnapshotStore) -> Iterator[tuple[HttpServer, Flags]]:
     srv, flags, _ = make_server(store)
     yield srv, flags
     srv.stop()
 
 
-def request(server: HttpServer, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+@pytest.fixture
+def server(module_server: tuple[HttpServer, Flags]) -> tuple[HttpServer, Flags]:
+    srv, flags = module_server
+    flags.healthy, flags.ready = True, False
+    return srv, flags
+
+
+def request(
+    server: HttpServer, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """Raw http.client request: urllib would normalise '..' and refuse odd methods."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
@@ -149,6 +162,21 @@ def test_traversal_and_unknown_paths_404(server, store: SnapshotStore, path: str
     assert b"root:" not in body and b"secret" not in body
 
 
+def test_keep_alive_connection_serves_several_requests(server) -> None:
+    srv, _ = server
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    try:
+        steps = [("/healthz", 200, {}), ("/nope", 404, {}), ("/v1/snapshots/2/model.onnx", 200, {}),
+                 ("/v1/snapshots/2/model.onnx", 304, {"If-None-Match": "*"}), ("/metrics", 200, {})]
+        for path, code, headers in steps:
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == code, path
+    finally:
+        conn.close()
+
+
 def test_method_not_allowed(server) -> None:
     srv, _ = server
     for method in ("POST", "PUT", "DELETE", "PATCH", "BREW"):
@@ -165,7 +193,7 @@ def test_token_required_for_snapshots_only(store: SnapshotStore, caplog: pytest.
             assert request(srv, path)[0] == 401
             assert request(srv, path, headers={"Authorization": "Bearer wrong"})[0] == 401
             assert request(srv, path, headers={"Authorization": f"Basic {TOKEN}"})[0] == 401
-        status, headers, _ = request(srv, "/v1/snapshots/latest")
+        _, headers, _ = request(srv, "/v1/snapshots/latest")
         assert headers["www-authenticate"].startswith("Bearer")
         assert request(srv, "/v1/snapshots/latest", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
         assert request(srv, "/v1/snapshots/2/model.onnx", headers={"Authorization": f"bearer {TOKEN}"})[2] == b"onnx"
@@ -190,12 +218,11 @@ def test_no_store_and_empty_store(tmp_path: Path) -> None:
 
 
 def test_handler_errors_become_500_and_server_survives(store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    srv, flags, _ = make_server(store)
+    srv, _, _ = make_server(store)
     try:
         monkeypatch.setattr(store, "latest", lambda: 1 / 0)
         assert request(srv, "/v1/snapshots/latest")[0] == 500
-        flags.healthy = lambda: 1 / 0  # a raising health check reads as unhealthy
-        srv.healthy = lambda: 1 / 0
+        srv.healthy = lambda: 1 / 0  # a raising health check reads as unhealthy
         assert request(srv, "/healthz")[0] == 503
         assert request(srv, "/metrics")[0] == 200
     finally:

@@ -1,0 +1,345 @@
+"""`streamkd export`: a snapshot's student to ONNX, TorchScript or a torch.export program.
+
+Every artifact is written under a temporary folder beside its target, reloaded
+and run against the PyTorch model on a random input (batch 1 and 3, so the
+dynamic batch axis is exercised too), and only then moved to its final name.
+A file at the final name has therefore been verified.
+
+Served models take ``input`` float32 N×C×H×W, normalized as the manifest's
+``student.preprocess`` says, and return ``logits`` float32 N×num_classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .fsutil import fsync_dir, fsync_tree, remove_tree, sha256_file
+from .models import build_model, load_state_dict_file
+from .snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, safe_name
+
+__all__ = [
+    "FORMATS", "INPUT_NAME", "OUTPUT_NAME", "ONNX_OPSET", "SnapshotError",
+    "export_model", "load_student", "register", "resolve_version_dir", "snapshot_exporters",
+]
+
+# format -> file name inside a snapshot version folder
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+ONNX_OPSET = 18
+# ONNX protobufs cap at 2 GiB; above this the weights go to a companion `<name>.data` file.
+_ONNX_INLINE_LIMIT = 1 << 30
+_VERIFY_BATCHES = (1, 3)  # 3 differs from the tracing batch (2): proves the batch axis is symbolic
+log = logging.getLogger(__name__)
+
+
+class SnapshotError(ValueError):
+    """A snapshot folder that cannot be used: missing, malformed or failing its checksums."""
+
+
+# ---- reading snapshots ---------------------------------------------------------
+
+
+def resolve_version_dir(path: str | Path) -> Path:
+    """A version folder (has manifest.json) as is; a snapshot root -> the version LATEST names.
+
+    When LATEST is missing or unreadable, the highest numeric folder with a
+    manifest is used instead (the daemon writes folders before LATEST).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise SnapshotError(f"{p}: no such directory")
+    if (p / MANIFEST_FILE).is_file():
+        return p
+    try:
+        text = (p / LATEST_FILE).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if text.isdigit() and (p / text / MANIFEST_FILE).is_file():
+        return p / text
+    numeric = sorted((int(n) for n in os.listdir(p) if n.isdigit() and (p / n / MANIFEST_FILE).is_file()), reverse=True)
+    if numeric:
+        if text:
+            log.warning("%s names version %s, which is not there; using version %d", p / LATEST_FILE, text, numeric[0])
+        return p / str(numeric[0])
+    raise SnapshotError(f"{p}: neither a snapshot version folder (no {MANIFEST_FILE}) "
+                        f"nor a snapshot directory (no {LATEST_FILE} / numeric version folders)")
+
+
+def read_manifest(version_dir: str | Path, verify: bool = True) -> dict:
+    """Parse `version_dir`/manifest.json; with `verify`, check every listed file's sha256."""
+    vdir = Path(version_dir)
+    try:
+        manifest = json.loads((vdir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SnapshotError(f"{vdir}: {MANIFEST_FILE} missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SnapshotError(f"{vdir / MANIFEST_FILE}: does not parse: {e}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(safe_name(n) and isinstance(h, str) for n, h in files.items()):
+        raise SnapshotError(f"{vdir / MANIFEST_FILE}: no valid `files` map {{name: sha256}}")
+    if MODEL_FILE not in files:
+        raise SnapshotError(f"{vdir / MANIFEST_FILE}: does not list {MODEL_FILE}")
+    if not isinstance(manifest.get("student"), dict):
+        raise SnapshotError(f"{vdir / MANIFEST_FILE}: no `student` section")
+    if verify:
+        for name, expected in sorted(files.items()):
+            try:
+                got = sha256_file(vdir / name)
+            except FileNotFoundError:
+                raise SnapshotError(f"{vdir / name}: listed in the manifest but missing") from None
+            if got != expected:
+                raise SnapshotError(f"{vdir / name}: sha256 {got[:12]}… does not match the manifest's {expected[:12]}…")
+    return manifest
+
+
+def student_geometry(student: dict) -> tuple[int, int, int]:
+    """(channels, H, W) of a manifest's `student` section (from channels/input_size, else input_shape)."""
+    shape = student.get("input_shape")
+    try:
+        c = int(student["channels"]) if "channels" in student else int(shape[1])
+        h, w = (int(v) for v in (student["input_size"] if "input_size" in student else shape[2:4]))
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise SnapshotError(f"manifest `student` has no usable channels/input_size/input_shape: {student}") from None
+    return c, h, w
+
+
+def load_student(snapshot_dir: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a snapshot's student (eval mode, CPU) after checking every file's sha256.
+
+    `snapshot_dir` is a version folder or a snapshot root (then LATEST's version).
+    Returns (model, manifest); raises SnapshotError on any mismatch.
+    """
+    vdir = resolve_version_dir(snapshot_dir)
+    manifest = read_manifest(vdir, verify=True)
+    s = manifest["student"]
+    if not isinstance(s.get("model"), str):
+        raise SnapshotError(f"{vdir / MANIFEST_FILE}: student.model missing")
+    c, h, w = student_geometry(s)
+    model = build_model(s["model"], s.get("num_classes"), in_channels=c, input_size=(h, w))
+    try:
+        model.load_state_dict(load_state_dict_file(vdir / MODEL_FILE), strict=True)
+    except RuntimeError as e:  # missing/unexpected keys, shape mismatches
+        raise SnapshotError(f"{vdir / MODEL_FILE} does not fit {s['model']!r}: {e}") from None
+    return model.eval(), manifest
+
+
+# ---- exporting -----------------------------------------------------------------
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """Write ONNX (opset ONNX_OPSET, dynamic batch); returns the exporter used."""
+    external = _param_bytes(model) > _ONNX_INLINE_LIMIT
+    for name in ("onnxscript", "onnx_ir"):
+        # Their optimizer logs every pass at INFO: a dozen lines per snapshot in the daemon's log.
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        # The torch.export-based exporter: the default since torch 2.9, the old one is deprecated.
+        # verbose=False keeps its progress lines off stdout (the daemon exports on a background thread).
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=True, external_data=external, opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
+        )
+        return "dynamo"
+    except Exception as e:  # noqa: BLE001 - e.g. onnxscript missing, an op it cannot translate
+        log.warning("torch.export-based ONNX export failed (%s: %s); retrying with the TorchScript-based exporter",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        for p in path.parent.iterdir():
+            p.unlink()
+    torch.onnx.export(
+        model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, verbose=False,
+    )
+    return "torchscript"
+
+
+def _export_pt2(model: nn.Module, example: torch.Tensor, path: Path, fixed_batch: int) -> bool:
+    """Write a torch.export program; returns whether its batch axis is dynamic."""
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        dynamic = True
+    except Exception as e:  # noqa: BLE001 - a model that specializes on its batch size
+        log.warning("torch.export with a dynamic batch failed (%s); exporting a fixed batch of %d",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__, fixed_batch)
+        fixed = torch.zeros(fixed_batch, *example.shape[1:], device=example.device)
+        program, dynamic = torch.export.export(model, (fixed,)), False
+    torch.export.save(program, str(path))
+    return dynamic
+
+
+def _reload(fmt: str, path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A function running the artifact at `path`: float N×C×H×W -> logits on the CPU
+    (None for ONNX when onnxruntime is not installed)."""
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})[0])
+    if fmt == "torchscript":
+        m = torch.jit.load(str(path), map_location=device)
+    else:
+        m = torch.export.load(str(path)).module()
+    return lambda x: m(x.to(device)).detach().cpu()
+
+
+def export_model(
+    model: nn.Module,
+    input_shape: tuple[int, int, int, int],
+    fmt: str,
+    out: str | Path,
+    *,
+    atol: float = 1e-4,
+) -> dict[str, Any]:
+    """Export `model` (input float32 `input_shape` N×C×H×W, batch axis dynamic) to `out`, verified.
+
+    fmt: "onnx" | "torchscript" | "pt2". The artifact is reloaded and run on
+    random inputs of batch 1 and 3 (1 and N for a fixed-batch fallback);
+    max |exported - pytorch| must stay below `atol` × max(1, max |logit|),
+    else RuntimeError and `out` is left untouched. Written atomically (temp
+    folder, fsync, os.replace). Returns {"format", "path", "bytes",
+    "max_abs_diff", "dynamic_batch", "exporter"}.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"Invalid format {fmt!r}. Only {', '.join(FORMATS)} are supported.")
+    if len(input_shape) != 4:
+        raise ValueError(f"input_shape must be (N, C, H, W), got {tuple(input_shape)}")
+    out = Path(out)
+    _, c, h, w = (int(v) for v in input_shape)
+    ref = next(iter([*model.parameters(), *model.buffers()]), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    # Trace with batch 2: an example batch of 1 lets tracers specialize the batch axis to 1.
+    example = torch.zeros(2, c, h, w, device=device)
+    was_training = model.training
+    model.eval()
+    tmp = out.parent / f".tmp-{out.name}.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=False)
+    try:
+        target = tmp / out.name
+        dynamic, exporter = True, fmt
+        if fmt == "onnx":
+            exporter = _export_onnx(model, example, target)
+        elif fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(model, example), str(target))
+        else:
+            dynamic = _export_pt2(model, example, target, int(input_shape[0]))
+        with torch.no_grad():
+            diff = _verify(fmt, target, model, _VERIFY_BATCHES if dynamic else (int(input_shape[0]),), (c, h, w),
+                           device, atol)
+        fsync_tree(tmp)
+        # Companions (ONNX external data) first, so the main file never names a missing one.
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == out.name):
+            os.replace(p, out.parent / p.name)
+        fsync_dir(out.parent)
+    finally:
+        remove_tree(tmp)
+        model.train(was_training)
+    return {"format": fmt, "path": str(out), "bytes": out.stat().st_size, "max_abs_diff": diff,
+            "dynamic_batch": dynamic, "exporter": exporter}
+
+
+def _verify(fmt: str, path: Path, model: nn.Module, batches: Iterable[int], chw: tuple[int, int, int],
+            device: torch.device, atol: float) -> float | None:
+    """Max abs difference between the reloaded artifact and `model` over random inputs; raises above tolerance."""
+    run = _reload(fmt, path, device)
+    if run is None:
+        import onnx
+
+        onnx.checker.check_model(str(path))  # structure only
+        log.warning("onnxruntime is not installed: %s checked structurally, not numerically", path.name)
+        return None
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for n in batches:
+        x = torch.randn(n, *chw, generator=gen).to(device)
+        want = model(x).detach().float().cpu()
+        got = run(x).float()
+        if got.shape != want.shape:
+            raise RuntimeError(f"exported {fmt} returns {tuple(got.shape)} for batch {n}, PyTorch {tuple(want.shape)}")
+        diff = float((got - want).abs().max())
+        # Absolute for logits of order 1, relative for larger ones (float32 summation order differs).
+        if not diff < atol * max(1.0, float(want.abs().max())):
+            raise RuntimeError(f"exported {fmt} disagrees with PyTorch: max abs diff {diff:.3g} at batch {n}")
+        worst = max(worst, diff)
+    return worst
+
+
+# ---- the daemon's hook ---------------------------------------------------------
+
+
+def snapshot_exporters(
+    model: nn.Module, input_shape: tuple[int, int, int, int], formats: Iterable[str]
+) -> dict[str, Callable[[Path], None]]:
+    """{file name: writer(path)} for SnapshotStore.publish(extra_files=...).
+
+    formats: values of `snapshot.formats` ("onnx" | "torchscript" | "pt2") ->
+    model.onnx / model.ts / model.pt2. `model` should be a CPU copy in eval mode
+    that nothing else touches: the writers run later, on the publisher thread.
+    """
+    writers: dict[str, Callable[[Path], None]] = {}
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"Invalid snapshot format {fmt!r}. Only {', '.join(FORMATS)} are supported.")
+        writers[FORMATS[fmt]] = functools.partial(_write_quietly, model, tuple(input_shape), fmt)
+    return writers
+
+
+def _write_quietly(model: nn.Module, input_shape: tuple[int, int, int, int], fmt: str, path: Path) -> None:
+    report = export_model(model, input_shape, fmt, Path(path))
+    log.debug("exported %s (%d bytes, max abs diff %s)", Path(path).name, report["bytes"], report["max_abs_diff"])
+
+
+# ---- command line ----------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="a snapshot to ONNX / TorchScript / torch.export for serving",
+                              description="Export a snapshot's student; the file is verified against PyTorch "
+                                          "before it appears at --out.")
+    p.add_argument("snapshot", metavar="SNAPSHOT_DIR", help="a snapshot directory (uses LATEST) or one version folder")
+    p.add_argument("--format", choices=list(FORMATS), default="onnx", help="default: %(default)s")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the exported model")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.is_dir():
+        print(f"streamkd export: --out {out} is a directory; name a file", file=sys.stderr)
+        return 2
+    if not out.parent.is_dir():
+        print(f"streamkd export: --out {out}: directory {out.parent} does not exist", file=sys.stderr)
+        return 2
+    try:
+        model, manifest = load_student(args.snapshot)
+    except (SnapshotError, ValueError, FileNotFoundError) as e:
+        print(f"streamkd export: {e}", file=sys.stderr)
+        return 2
+    c, h, w = student_geometry(manifest["student"])
+    report = export_model(model, (1, c, h, w), args.format, out)
+    diff = report["max_abs_diff"]
+    s = manifest["student"]
+    print(f"wrote {out} ({args.format}, {report['bytes']:,} bytes) from snapshot {manifest.get('version')} "
+          f"({s['model']}, input {INPUT_NAME!r} float32 {'N' if report['dynamic_batch'] else 1}×{c}×{h}×{w}, "
+          f"output {OUTPUT_NAME!r}); max abs diff vs PyTorch "
+          + (f"{diff:.2g}" if diff is not None else "not measured (onnxruntime missing)"))
+    print(f"preprocess: x = (uint8 / 255 - {s.get('mean')}) / {s.get('std')}")
+    return 0
