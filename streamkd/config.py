@@ -67,7 +67,7 @@ class KafkaConfig:
 @dataclass(frozen=True)
 class InputConfig:
     max_bytes: int = 8 << 20
-    max_pixels: int = 16_777_216
+    max_pixels: int = 4_194_304  # 2048×2048; bounds the CPU a tiny hostile JPEG header can cost
     max_images: int = 1024
     decode_workers: int = 2
     max_wait_ms: int = 200  # a partial batch is trained after this long without new records

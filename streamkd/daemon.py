@@ -202,9 +202,9 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
     last_log_t, last_log_samples = time.monotonic(), prog.samples_seen
     rate_t, rate_samples = time.monotonic(), 0
     latest = parts.snapshots.latest()
-    if latest:
-        metrics.snapshot_published(latest["version"])
-        metrics.snapshots_published.inc(-1)  # restoring the gauge, not a new publication
+    if latest:  # restore the gauges (not the counter: nothing was published by this process yet)
+        metrics.last_snapshot_version.set(latest["version"])
+        metrics.last_snapshot_ts.set(_rfc3339_to_unix(latest.get("created_at")))
 
     def absorb(stats: torch.Tensor, batch: Batch) -> None:
         """Fold one finished step's stats (host) into the lineage totals."""
@@ -405,6 +405,15 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
         log.info("stopped at step %d: %d samples in the lineage, offsets %s", prog.step, prog.samples_seen,
                  prog.offsets)
     return prog
+
+
+def _rfc3339_to_unix(value: str | None) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _result(fut: Future, what: str) -> None:
