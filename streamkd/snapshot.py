@@ -209,8 +209,8 @@ class SnapshotStore:
         """Manifest of the newest valid snapshot (LATEST first, then older ones), or None.
 
         Verification (sha256 of every file) is cached per version and file
-        stat, so repeated calls only stat. `on_fallback(version, reason)` is
-        called once per newly detected broken version.
+        stat (inode, size, mtime), so repeated calls only stat.
+        `on_fallback(version, reason)` is called once per broken version and reason.
         """
         for attempt in range(5):
             head = self._read_latest()

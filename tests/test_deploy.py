@@ -361,9 +361,10 @@ def test_dockerfile_copy_sources_are_in_the_build_context():
             path = ROOT / source
             assert path.exists(), f"COPY {source}: not in the repository"
             assert not dockerignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
-            for child in path.rglob("*.py") if path.is_dir() else []:
+            # every file of a copied folder, package data (weights) included
+            for child in path.rglob("*") if path.is_dir() else []:
                 rel = child.relative_to(ROOT).as_posix()
-                if "__pycache__" not in rel:
+                if child.is_file() and "__pycache__" not in rel:
                     assert not dockerignored(rel, patterns), f"{rel} excluded by .dockerignore"
 
 
@@ -372,8 +373,7 @@ def test_dockerignore_keeps_state_and_environments_out():
     for path in (".venv/bin/python", ".git/HEAD", "state/checkpoints/1.pt", "tests/test_deploy.py",
                  "streamkd/__pycache__/cli.cpython-311.pyc", "deploy/compose.yaml"):
         assert dockerignored(path, patterns), f"{path} would be sent to the build context"
-    for path in ("pyproject.toml", "config.yaml", "streamkd/cli.py",
-                 "streamkd/weights/lenet5.safetensors"):
+    for path in ("pyproject.toml", "config.yaml", "streamkd/cli.py"):
         assert not dockerignored(path, patterns), f"{path} missing from the build context"
 
 
@@ -480,6 +480,7 @@ def test_compose_streamkd_service():
     assert int(env["STREAMKD_METRICS__PORT"]) == PORT
 
     assert daemon["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert "entrypoint" not in daemon and "command" not in daemon  # tini -- streamkd run -c ...
     assert _published(daemon) == {PORT: PORT}
     assert f"streamkd-state:{STATE_DIR}" in daemon["volumes"]
     assert _duration_s(daemon["stop_grace_period"]) >= 2 * _container_config().train.shutdown_grace_s
@@ -644,6 +645,7 @@ def test_k8s_statefulset():
 
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["args"] == ["run", "-c", CONFIG_PATH]
+    assert "command" not in container  # keeps the image's ENTRYPOINT: tini stays PID 1
 
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -1,0 +1,205 @@
+"""`streamkd eval`: a snapshot's accuracy (and the teacher's, and how often they agree) on a labelled set.
+
+`predict` is the one forward loop; `evaluate` and `agreement` are views of its
+output, and the command line runs each model once and derives all three
+figures from the two prediction vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .learner import InputSpec
+from .preprocess import to_model_input
+
+__all__ = ["InputSpec", "agreement", "evaluate", "predict", "register", "spec_from_manifest"]
+
+
+def spec_from_manifest(student: Mapping[str, Any]) -> InputSpec:
+    """InputSpec from a manifest's `student` section (input_size, channels, mean, std)."""
+    from .export import student_geometry
+
+    c, h, w = student_geometry(dict(student))
+    return InputSpec((h, w), c, tuple(student["mean"]), tuple(student["std"]))
+
+
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    spec: InputSpec,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Top-1 class of each image: uint8 N×C×H×W (any size/channels `spec` can convert) -> int64 N (CPU).
+
+    Runs in eval mode under inference_mode on `device` (the model is moved
+    there), preprocessing with `to_model_input`; the model's mode is restored.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for i in range(0, images.shape[0], batch_size):
+                x = to_model_input(images[i:i + batch_size].to(device, non_blocking=True),
+                                   spec.size, spec.channels, spec.mean, spec.std)
+                out.append(model(x).argmax(dim=1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    spec: InputSpec,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> dict[str, float | int]:
+    """Top-1 accuracy of `model` on uint8 N×C×H×W `images` with int64 N `labels`: {"acc", "n"}."""
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    pred = predict(model, images, spec, batch_size, device)
+    n = int(labels.shape[0])
+    return {"acc": float((pred == labels.cpu()).sum()) / n if n else float("nan"), "n": n}
+
+
+def agreement(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    images: torch.Tensor,
+    spec_a: InputSpec,
+    spec_b: InputSpec | None = None,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> dict[str, float | int]:
+    """Fraction of uint8 N×C×H×W `images` on which both models pick the same top-1 class: {"agreement", "n"}.
+
+    Each model gets its own preprocessing (`spec_b` defaults to `spec_a`).
+    """
+    pa = predict(model_a, images, spec_a, batch_size, device)
+    pb = predict(model_b, images, spec_b or spec_a, batch_size, device)
+    n = int(images.shape[0])
+    return {"agreement": float((pa == pb).sum()) / n if n else float("nan"), "n": n}
+
+
+# ---- command line -------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from .config import TeacherConfig
+    from .models import TEACHER_SPEC
+
+    t = TeacherConfig()
+    p = subparsers.add_parser("eval", help="accuracy/agreement of a snapshot (and the teacher) on a labelled set",
+                              description="Student accuracy, teacher accuracy and their top-1 agreement.")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="a snapshot directory (uses LATEST) or one version folder")
+    p.add_argument("--dataset", choices=["fashion-mnist"], default="fashion-mnist")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--data-dir", default=None, help="where Fashion-MNIST lives (default: $STREAMKD_DATA_DIR, Debian's, a download)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
+    p.add_argument("--teacher", default=None, metavar="MODEL_SPEC",
+                   help=f"teacher to compare with (default: {TEACHER_SPEC} with the shipped weights, when present)")
+    p.add_argument("--teacher-weights", default=None, metavar="FILE", help="weights for --teacher")
+    p.add_argument("--no-teacher", action="store_true", help="evaluate the student only")
+    p.add_argument("--teacher-input-size", type=int, nargs=2, default=list(t.input_size), metavar=("H", "W"),
+                   help="default: %(default)s")
+    p.add_argument("--teacher-channels", type=int, choices=[1, 3], default=t.channels, help="default: %(default)s")
+    p.add_argument("--teacher-mean", type=float, nargs="+", default=list(t.mean), help="default: %(default)s")
+    p.add_argument("--teacher-std", type=float, nargs="+", default=list(t.std), help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=512, help="default: %(default)s")
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=_main)
+
+
+def _teacher(args: argparse.Namespace) -> tuple[nn.Module | None, str | None, str]:
+    """(model, spec, note) for the teacher the arguments ask for; model None = not evaluated (note says why)."""
+    from .models import TEACHER_SPEC, FILE_SUFFIXES, build_model, shipped_teacher_weights
+
+    if args.no_teacher:
+        return None, None, "skipped (--no-teacher)"
+    spec, weights = args.teacher or TEACHER_SPEC, args.teacher_weights
+    if weights is None and spec == TEACHER_SPEC:
+        try:
+            weights = str(shipped_teacher_weights())
+        except FileNotFoundError as e:
+            if args.teacher is None:  # the default is best-effort
+                return None, None, f"not evaluated ({e})"
+            raise ValueError(str(e)) from None
+    if weights is None and not spec.endswith(FILE_SUFFIXES):
+        raise ValueError(f"--teacher {spec} needs --teacher-weights (random weights would make its figures meaningless)")
+    model = build_model(spec, None, in_channels=args.teacher_channels, input_size=tuple(args.teacher_input_size),
+                        weights=weights)
+    return model, spec, weights or spec
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .datasets import DatasetNotFound, load_fashion_mnist
+    from .export import SnapshotError, load_student, resolve_version_dir
+    from .learner import resolve_device
+
+    def fail(msg: str) -> int:
+        print(f"streamkd eval: {msg}", file=sys.stderr)
+        return 2
+
+    if args.limit is not None and args.limit < 1:
+        return fail(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        return fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        device = resolve_device(args.device)
+        vdir = resolve_version_dir(args.snapshot)
+        student, manifest = load_student(vdir)
+        s_spec = spec_from_manifest(manifest["student"])
+        teacher, teacher_spec, teacher_note = _teacher(args)
+        t_spec = InputSpec(tuple(args.teacher_input_size), args.teacher_channels,
+                           tuple(args.teacher_mean), tuple(args.teacher_std))
+        images, labels = load_fashion_mnist(args.split, args.data_dir)
+    except (SnapshotError, ValueError, RuntimeError, FileNotFoundError, DatasetNotFound) as e:
+        return fail(str(e))
+    if args.limit is not None:
+        images, labels = images[: args.limit], labels[: args.limit]
+
+    n = int(labels.shape[0])
+    ps = predict(student, images, s_spec, args.batch_size, device)
+    result: dict[str, Any] = {
+        "snapshot": str(vdir), "version": manifest.get("version"), "step": manifest.get("step"),
+        "dataset": args.dataset, "split": args.split, "n": n,
+        "student": {"model": manifest["student"]["model"], "acc": float((ps == labels).sum()) / n},
+        "teacher": None, "agreement": None,
+    }
+    if teacher is not None:
+        pt = predict(teacher, images, t_spec, args.batch_size, device)
+        result["teacher"] = {"model": teacher_spec, "weights": teacher_note, "acc": float((pt == labels).sum()) / n}
+        result["agreement"] = float((ps == pt).sum()) / n
+
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    rows = [
+        ("snapshot", f"{vdir} (version {result['version']}, step {result['step']})"),
+        ("dataset", f"{args.dataset} {args.split}, {n:,} images"),
+        ("student", f"{result['student']['acc']:.4f}  {result['student']['model']}"),
+        ("teacher", f"{result['teacher']['acc']:.4f}  {teacher_spec} ({Path(teacher_note).name})"
+         if result["teacher"] else teacher_note),
+    ]
+    if result["agreement"] is not None:
+        rows.append(("agreement", f"{result['agreement']:.4f}  student vs teacher, top-1"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
