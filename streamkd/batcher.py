@@ -4,6 +4,10 @@ A batch holds whole records only (an npy record of several images is never
 split), so "every record before these offsets is in the model" stays exactly
 true at every checkpoint. Rejected records advance the offsets too: they are
 dead-lettered, not retried.
+
+With a :class:`~streamkd.quarantine.DecodeJournal`, every decode is journaled
+so that a record whose decoding kills the process (a native decoder crash) is
+found and dead-lettered after a few restarts instead of crash-looping.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from .decode import Decoded, Limits, Rejected, decode_record
 from .preprocess import resize_uint8
+from .quarantine import DecodeJournal, chunk_ranges
 from .source import RawRecord, RecordQueue
 
 log = logging.getLogger(__name__)
@@ -56,13 +61,15 @@ class Batcher:
 
     def __init__(self, records: RecordQueue, out: "queue.Queue[Batch]", *, batch_size: int, max_wait_s: float,
                  limits: Limits, size: tuple[int, int], channels: int, workers: int, stop: threading.Event,
-                 on_reject: Callable[[RawRecord, Rejected], None], pin_memory: bool = False):
+                 on_reject: Callable[[RawRecord, Rejected], None], pin_memory: bool = False,
+                 journal: DecodeJournal | None = None):
         self.records, self.out = records, out
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.limits, self.size, self.channels = limits, size, channels
         self.stop_event = stop
         self.on_reject = on_reject
         self.pin_memory = pin_memory
+        self.journal = journal
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.error: BaseException | None = None
@@ -97,6 +104,40 @@ class Batcher:
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
+    def _decode(self, recs: list[RawRecord]) -> list[Decoded | Rejected]:
+        """Decode a chunk in record order (so offsets per partition only ever move forward)."""
+        if not recs:
+            return []
+        n = len(recs)
+
+        def bulk() -> list[Decoded | Rejected]:
+            # list(): every decode finishes here, so the journal's "in flight" window
+            # covers decoding only, not the wait for room in the batch queue.
+            return list(self.pool.map(prepare, recs, [self.limits] * n, [self.size] * n, [self.channels] * n))
+
+        j = self.journal
+        if j is None:
+            return bulk()
+        if not (j.active and any(j.suspect(r.partition, r.offset) for r in recs)):
+            j.begin(chunk_ranges(recs))  # a crash inside names this chunk at the next start
+            out = bulk()
+            j.end()
+            return out
+        # Some of these records were being decoded when an earlier process died:
+        # one at a time, each journaled on its own, so the next crash names the culprit.
+        out = []
+        for rec in recs:
+            if j.condemned(rec.partition, rec.offset):
+                crashes = j.crashes(rec.partition, rec.offset)
+                out.append(Rejected("decoder_crash", f"decoding crashed the process {crashes} times; not retried"))
+                j.passed(rec.partition, rec.offset)
+                continue
+            j.begin([(rec.partition, rec.offset, rec.offset)])
+            out.append(prepare(rec, self.limits, self.size, self.channels))
+            j.passed(rec.partition, rec.offset)
+            j.end()
+        return out
+
     def _loop(self) -> None:
         images: list[torch.Tensor] = []
         labels: list[int] = []
@@ -109,9 +150,7 @@ class Batcher:
         while not self.stop_event.is_set():
             wait = 0.05 if not records else max(0.0, min(0.05, started + self.max_wait_s - time.monotonic()))
             recs = self.records.get_many(chunk, timeout=wait)
-            # map() keeps record order, so offsets per partition only ever move forward.
-            results = self.pool.map(prepare, recs, [self.limits] * len(recs), [self.size] * len(recs),
-                                    [self.channels] * len(recs)) if recs else []
+            results = self._decode(recs)
             for rec, res in zip(recs, results):
                 if isinstance(res, Rejected):
                     self.on_reject(rec, res)

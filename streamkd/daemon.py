@@ -28,11 +28,12 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from .batcher import Batch, Batcher
-from .checkpoint import CheckpointStore, TrainState
+from .checkpoint import CheckpointStore, TrainState, is_finite_state
 from .config import Config
 from .decode import Limits, Rejected
 from .learner import S, InputSpec, Learner, Teacher, resolve_device, resolve_precision
 from .metrics import Metrics
+from .quarantine import DecodeJournal
 from .models import TEACHER_SPEC, build_model, file_sha256, num_classes_of, shipped_teacher_weights
 from .server import HttpServer
 from .snapshot import NonFiniteWeights, SnapshotStore
@@ -169,18 +170,22 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
     def on_reject(rec: RawRecord, why: Rejected) -> None:
         rejected_count[0] += 1
         metrics.rejected(why.reason)
-        log.debug("rejected %s/%d/%d: %s (%s)", rec.topic, rec.partition, rec.offset, why.reason, why.detail)
+        (log.error if why.reason == "decoder_crash" else log.debug)(
+            "rejected %s/%d/%d: %s (%s)", rec.topic, rec.partition, rec.offset, why.reason, why.detail)
         try:
-            dlq.send(rec, why.reason)
+            dlq.send(rec, why.reason)  # kept until acknowledged; the next checkpoint waits for it
         except Exception as e:  # noqa: BLE001 - the DLQ being down must not stop training
             metrics.kafka_errors.labels("dlq").inc()
             log.warning("dead-letter send failed for %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, e)
 
     limits = Limits(cfg.input.max_bytes, cfg.input.max_pixels, cfg.input.max_images)
+    # A record whose decoding kills the process is found and dead-lettered after a few
+    # restarts, instead of crash-looping (quarantine.py). It lives beside the checkpoints.
+    journal = DecodeJournal(cfg.checkpoint.dir, prog.offsets)
     batcher = Batcher(records, batches, batch_size=cfg.train.batch_size, max_wait_s=cfg.input.max_wait_ms / 1000,
                       limits=limits, size=cfg.teacher.input_size, channels=cfg.teacher.channels,
                       workers=cfg.input.decode_workers, stop=intake_stop, on_reject=on_reject,
-                      pin_memory=parts.device.type == "cuda")
+                      pin_memory=parts.device.type == "cuda", journal=journal)
     heartbeat = [time.monotonic()]
     server = HttpServer(cfg.metrics.host, cfg.metrics.port, parts.registry,
                         healthy=lambda: time.monotonic() - heartbeat[0] < 120,
@@ -256,6 +261,12 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
             _result(pending_ckpt, "checkpoint")
         st = lineage_state()
         last_ckpt_step, last_ckpt_t = prog.step, time.monotonic()
+        if not is_finite_state(st.student):
+            # The step guard checks grads and loss, not what the update did to the weights
+            # (or to buffers such as BatchNorm statistics, updated in forward). A non-finite
+            # checkpoint would be the rollback target: never write one; roll back instead.
+            rollback(f"student weights are not finite at step {prog.step}")
+            return
         pending_ckpt = writer.submit(write_checkpoint, st)
         if sync:
             _result(pending_ckpt, "checkpoint")
@@ -285,10 +296,13 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
             _result(pending_snap, "snapshot")
             pending_snap = None
 
-    def rollback() -> None:
-        """K consecutive skipped updates: the weights went bad. Return to the last good checkpoint."""
-        nonlocal lagged
+    def rollback(why: str) -> None:
+        """The weights went bad (K consecutive skipped updates, or non-finite). Return to the last good checkpoint."""
+        nonlocal lagged, pending_ckpt, last_ckpt_step, last_snap_step
         lagged = None
+        if pending_ckpt is not None:  # roll back to the newest checkpoint, not the one before it
+            _result(pending_ckpt, "checkpoint")
+            pending_ckpt = None
         st = parts.checkpoints.load_latest()
         dropped_from = st.offsets.get(topic, {}) if st else {}
         if st is not None:
@@ -298,9 +312,11 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
             learner.load_state(*initial)
             prog.step = prog.samples_seen = 0
         metrics.rollbacks.inc()
-        log.error("%d consecutive non-finite updates: rolled back to checkpoint step %d; records in offsets "
-                  "%s .. %s are not in the model", prog.consecutive_skips, prog.step, dropped_from, prog.offsets)
+        log.error("%s: rolled back to checkpoint step %d; records in offsets %s .. %s are not in the model",
+                  why, prog.step, dropped_from, prog.offsets)
         prog.consecutive_skips = 0
+        # Count the next intervals from the restored step, or they would wait for the old one.
+        last_ckpt_step, last_snap_step = min(last_ckpt_step, prog.step), min(last_snap_step, prog.step)
 
     metrics.ready.set(0)
     was_ready = False
@@ -349,7 +365,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                     absorb(stats, batch)
                 if prog.consecutive_skips >= cfg.train.max_consecutive_skips:
                     drain_lagged()
-                    rollback()
+                    rollback(f"{prog.consecutive_skips} consecutive non-finite updates")
             if batch is not None:
                 prog.offsets.update(batch.offsets)  # these records are now in the model (or dead-lettered)
                 prog.records_done += batch.records

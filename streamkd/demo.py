@@ -9,7 +9,6 @@ endpoints, then evaluates teacher and student on the 10,000 test images.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import tempfile
 import threading
@@ -115,7 +114,6 @@ def _main(args: argparse.Namespace) -> int:
         runner = threading.Thread(target=run_daemon, name="daemon")
         runner.start()
         producer_thread.start()
-        port = None
         while runner.is_alive() and not done.is_set():
             runner.join(0.2)
         seconds = time.monotonic() - t0
@@ -150,8 +148,8 @@ def _report(parts, test_images, test_labels, state: Path, seconds: float, record
     student.eval()
     try:
         student_acc = evaluate(student, test_images, test_labels, parts.learner.spec, device=device)["acc"]
-        test_agree = agreement(student, parts.learner.spec, parts.teacher.model, parts.teacher.spec, test_images,
-                               device=device)
+        test_agree = agreement(student, parts.teacher.model, test_images, parts.learner.spec, parts.teacher.spec,
+                               device=device)["agreement"]
     finally:
         student.train(was_training)
     latest = parts.snapshots.latest()

@@ -36,17 +36,20 @@ def predict(
     images: torch.Tensor,
     spec: InputSpec,
     batch_size: int = 512,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Top-1 class of each image: uint8 N×C×H×W (any size/channels `spec` can convert) -> int64 N (CPU).
 
-    Runs in eval mode under inference_mode on `device` (the model is moved
-    there), preprocessing with `to_model_input`; the model's mode is restored.
+    Runs in eval mode under inference_mode, preprocessing with `to_model_input`
+    batch by batch on the model's device (`device`, when given, moves the
+    model there first); the model's train/eval mode is restored.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    model.to(device)
+    if device is not None:
+        model.to(device)
+    ref = next(iter([*model.parameters(), *model.buffers()]), None)
+    device = ref.device if ref is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     out = []
@@ -67,7 +70,7 @@ def evaluate(
     labels: torch.Tensor,
     spec: InputSpec,
     batch_size: int = 512,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> dict[str, float | int]:
     """Top-1 accuracy of `model` on uint8 N×C×H×W `images` with int64 N `labels`: {"acc", "n"}."""
     if labels.shape[0] != images.shape[0]:
@@ -84,7 +87,7 @@ def agreement(
     spec_a: InputSpec,
     spec_b: InputSpec | None = None,
     batch_size: int = 512,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> dict[str, float | int]:
     """Fraction of uint8 N×C×H×W `images` on which both models pick the same top-1 class: {"agreement", "n"}.
 
@@ -121,14 +124,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-mean", type=float, nargs="+", default=list(t.mean), help="default: %(default)s")
     p.add_argument("--teacher-std", type=float, nargs="+", default=list(t.std), help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=512, help="default: %(default)s")
-    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N] (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_main)
 
 
 def _teacher(args: argparse.Namespace) -> tuple[nn.Module | None, str | None, str]:
     """(model, spec, note) for the teacher the arguments ask for; model None = not evaluated (note says why)."""
-    from .models import TEACHER_SPEC, FILE_SUFFIXES, build_model, shipped_teacher_weights
+    from .models import (
+        FILE_SUFFIXES,
+        TEACHER_SPEC,
+        build_model,
+        shipped_teacher_weights,
+    )
 
     if args.no_teacher:
         return None, None, "skipped (--no-teacher)"

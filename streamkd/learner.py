@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .accel import optimize_for_inference
 from .loss import kd_loss
 from .preprocess import to_model_input
 
@@ -70,12 +71,12 @@ class Teacher:
     def __init__(self, model: nn.Module, spec: InputSpec, device: torch.device, amp: torch.dtype | None,
                  channels_last: bool = False, compile: bool = False):
         self.spec, self.device, self.amp = spec, device, amp
-        self.channels_last = channels_last and device.type == "cuda"
+        # channels_last pays on CUDA (tensor cores) and on CPU (oneDNN), see accel.py.
+        self.channels_last = channels_last
         model = model.to(device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = optimize_for_inference(model, self.channels_last)
         self.model = torch.compile(model) if compile else model
 
     @torch.inference_mode()

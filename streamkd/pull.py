@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -26,15 +27,23 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
-from .fsutil import atomic_publish_dir, atomic_write_bytes, fsync_dir, remove_tree, sha256_file
+from .fsutil import (
+    atomic_publish_dir,
+    atomic_write_bytes,
+    fsync_dir,
+    remove_tree,
+    sha256_file,
+)
 from .snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, safe_name
 
-__all__ = ["AuthError", "PullError", "TransientError", "pull_once", "watch", "register", "TOKEN_ENV", "MAX_FILE_BYTES"]
+__all__ = ["MAX_FILE_BYTES", "TOKEN_ENV", "AuthError", "PullError", "TransientError", "pull_once", "register", "watch"]
 
 TOKEN_ENV = "STREAMKD_SNAPSHOT_TOKEN"
 MAX_FILE_BYTES = 2 << 30  # refuse anything bigger: a student snapshot is megabytes, not gigabytes
@@ -74,9 +83,20 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         raise urllib.error.HTTPError(req.full_url, code, f"unexpected redirect to {newurl}", headers, fp)
 
 
-def make_opener() -> urllib.request.OpenerDirector:
-    """A urllib opener that refuses redirects (proxies from the environment still apply)."""
+def make_opener(base_url: str | None = None) -> urllib.request.OpenerDirector:
+    """A urllib opener that refuses redirects. Proxies from the environment apply,
+    except for a loopback `base_url` (a daemon on this host is never behind one)."""
+    host = urllib.parse.urlsplit(base_url or "").hostname or ""
+    if host == "localhost" or _is_loopback(host):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
     return urllib.request.build_opener(_NoRedirect())
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # ---- HTTP --------------------------------------------------------------------------
@@ -90,7 +110,7 @@ class _Client:
             raise ValueError(f"URL must start with http:// or https://, got {base_url!r}")
         self.base = base_url.rstrip("/")
         self.token = token
-        self.opener = opener or make_opener()
+        self.opener = opener or make_opener(base_url)
         self.timeout = timeout
 
     @contextlib.contextmanager
@@ -399,17 +419,19 @@ def watch(
     token: str | None = None,
     stop: threading.Event | None = None,
     opener: Opener | None = None,
+    min_backoff: float = 1.0,
     max_backoff: float = 60.0,
     on_version: Callable[[int], None] | None = None,
 ) -> None:
     """pull_once every `interval` seconds until `stop` is set.
 
-    Connection trouble and 5xx are retried with exponential backoff (1 s
-    doubling, capped at `max_backoff`); a refused snapshot is logged and tried
-    again next interval (the daemon may publish a good one); AuthError raises.
+    Connection trouble and 5xx are retried with exponential backoff
+    (`min_backoff` doubling up to `max_backoff` seconds); a refused snapshot is
+    logged and tried again next interval (the daemon may publish a good one);
+    AuthError raises. `on_version(v)` is called when the newest local version changes.
     """
     stop = stop or threading.Event()
-    backoff, last_error, last_version = 1.0, "", None
+    backoff, last_error, last_version = min_backoff, "", None
     while not stop.is_set():
         try:
             v = pull_once(base_url, dest, token, opener, keep=keep)
@@ -427,7 +449,7 @@ def watch(
                 log.error("%s", e)
             last_error = str(e)
         else:
-            backoff, last_error = 1.0, ""
+            backoff, last_error = min_backoff, ""
             if v is not None and v != last_version:
                 last_version = v
                 if on_version is not None:

@@ -124,6 +124,10 @@ class KafkaSource:
         self.cfg = cfg
         self.queue = queue
         self.start_offsets = dict(start_offsets)
+        # partition -> next offset to fetch: the checkpoint's at start, then one past the last
+        # record queued, so a consumer recreated after a failure neither skips nor repeats.
+        self._next: dict[int, int] = dict(start_offsets)
+        self._unverified: dict[int, int] = {}  # partition -> sought position not yet checked against the log
         self.stop_event = stop
         self.on_consumed = on_consumed
         self.on_error = on_error
@@ -173,8 +177,10 @@ class KafkaSource:
                 if self._committer is None:
                     self._committer = KafkaConsumer(group_id=self.cfg.group_id, enable_auto_commit=False,
                                                     **client_config(self.cfg), **dict(self.cfg.extra))
+                # Bounded: kafka-python's commit otherwise retries forever while the broker is
+                # away, holding up the checkpoint writer and, at shutdown, the grace period.
                 self._committer.commit({TopicPartition(self.cfg.topic, p): OffsetAndMetadata(o, "", -1)
-                                        for p, o in offsets.items()})
+                                        for p, o in offsets.items()}, timeout_ms=self.cfg.request_timeout_ms)
                 return True
             except Exception as e:  # noqa: BLE001 - broker trouble: retried at the next checkpoint
                 log.warning("offset commit failed (%s); the next checkpoint retries it", type(e).__name__)
@@ -195,6 +201,22 @@ class KafkaSource:
             self._committer = None
 
     # -- the consumer thread ------------------------------------------------------------------
+    def _consumer_settings(self) -> dict[str, Any]:
+        settings: dict[str, Any] = {
+            # Never let the client re-position a partition by itself: kafka-python's reset on
+            # OffsetOutOfRange is silent (an INFO line in a logger we mute) and, with "latest",
+            # skips records. We get the error instead and re-position loudly (_reposition).
+            "auto_offset_reset": "none",
+            # A consumer must not create the topic it reads (with the broker's default
+            # partition count) just because it started before the producer did.
+            "allow_auto_create_topics": False,
+            # Bootstrap gives up after this long, so our retry loop logs and /readyz reports
+            # an absent broker within seconds (kafka-python's default is 30 s of silence).
+            "bootstrap_timeout_ms": min(5000, self.cfg.request_timeout_ms),
+        }
+        settings.update(self.cfg.extra)  # the operator's explicit kafka.extra wins
+        return settings
+
     def _connect(self, index: int):
         """A KafkaConsumer, retrying with capped exponential backoff until the broker answers or we stop."""
         from kafka import KafkaConsumer
@@ -205,14 +227,13 @@ class KafkaSource:
                 return KafkaConsumer(
                     group_id=self.cfg.group_id,
                     enable_auto_commit=False,  # offsets are committed only after a durable checkpoint
-                    auto_offset_reset=self.cfg.auto_offset_reset,
                     max_poll_records=self.cfg.max_poll_records,
                     fetch_max_bytes=self.cfg.fetch_max_bytes,
                     max_partition_fetch_bytes=self.cfg.max_partition_fetch_bytes,
-                    **client_config(self.cfg), **dict(self.cfg.extra))
+                    **client_config(self.cfg), **self._consumer_settings())
             except Exception as e:  # noqa: BLE001 - NoBrokersAvailable, DNS, TLS handshake...
                 self._set_reachable(False, f"cannot reach Kafka at {self.cfg.bootstrap_servers} "
-                                           f"({type(e).__name__}: {e}); retrying in {delay:.1f} s")
+                                           f"({type(e).__name__}: {e}); not ready; retrying in {delay:.1f} s")
                 self.on_error("connect")
                 self.stop_event.wait(delay)
                 delay = min(delay * 2, self.cfg.reconnect_backoff_max_ms / 1000)
@@ -241,95 +262,193 @@ class KafkaSource:
             return owned
         tps = [TopicPartition(self.cfg.topic, p) for p in mine]
         consumer.assign(tps)
+        known = {}
         for p in mine:
             if p in owned:
                 continue
             tp = TopicPartition(self.cfg.topic, p)
-            if p in self.start_offsets:
-                # Resume at the checkpoint's next offset: that record is not yet in the model.
-                consumer.seek(tp, self.start_offsets[p])
+            if p in self._next:
+                # Resume at the next record not yet queued: the checkpoint's offset at start,
+                # where this thread left off after a reconnect.
+                consumer.seek(tp, self._next[p])
+                known[p] = self._next[p]
             elif self.cfg.auto_offset_reset == "earliest":
                 consumer.seek_to_beginning(tp)
             else:
                 consumer.seek_to_end(tp)
+        # A fetch beyond the log end returns nothing, forever, without an error (the log end
+        # may be re-filled by new records later, which we would then skip): _consume checks
+        # these positions against the high watermark of the first fetch response.
+        self._unverified.update(known)
         with self._lock:
             self.status.assigned.update(mine)
         log.info("consumer %d assigned partitions %s of %s (start offsets %s)", index, mine, self.cfg.topic,
-                 {p: self.start_offsets.get(p, self.cfg.auto_offset_reset) for p in mine})
+                 {p: self._next.get(p, self.cfg.auto_offset_reset) for p in mine})
         return mine
 
-    def _run(self, index: int) -> None:
+    def _reposition(self, consumer, positions: dict[int, int | None], why: str) -> None:
+        """Move partitions whose position lies outside the log back into it, loudly (never silently).
+
+        Below the log start: those records were deleted (retention) before we
+        trained them; they are gone, we continue at the log start. Beyond the
+        log end: the topic was recreated or truncated; ``auto_offset_reset``
+        decides (``earliest``, the default, re-reads rather than skips).
+        """
         from kafka import TopicPartition
 
-        consumer = self._connect(index)
-        if consumer is None:
-            return
-        self._set_reachable(True, f"connected to Kafka at {self.cfg.bootstrap_servers}")
+        tps = {p: TopicPartition(self.cfg.topic, p) for p in positions}
+        begin = consumer.beginning_offsets(list(tps.values()))
+        # The log end: the high watermark of the last fetch response when there is one. Not
+        # ListOffsets(latest) first: the embedded Tansu broker answers it with the base offset
+        # of the last batch (494 for 500 records), which would look like a truncated log.
+        hws = {p: consumer.highwater(tp) for p, tp in tps.items()}
+        end = consumer.end_offsets([tps[p] for p, hw in hws.items() if hw is None]) if None in hws.values() else {}
+        for p, pos in positions.items():
+            lo, hi = begin[tps[p]], hws[p] if hws[p] is not None else end[tps[p]]
+            if pos is not None and lo <= pos <= hi:
+                if why != "resume offset":
+                    consumer.seek(tps[p], pos)  # a transient error: fetch from the same place again
+                continue
+            if pos is None:
+                target = lo if self.cfg.auto_offset_reset == "earliest" else hi
+                log.error("partition %d: %s unknown; continuing at %d per kafka.auto_offset_reset=%s", p, why,
+                          target, self.cfg.auto_offset_reset)
+            elif pos < lo:
+                target = lo
+                log.error("partition %d: %s %d is below the log start %d: %d records were deleted (retention?) "
+                          "before they were trained; continuing at %d", p, why, pos, lo, lo - pos, lo)
+            else:
+                target = lo if self.cfg.auto_offset_reset == "earliest" else hi  # hi: the next record to arrive
+                log.error("partition %d: %s %s is beyond the log end %d (topic recreated or truncated?); "
+                          "continuing at %d per kafka.auto_offset_reset=%s", p, why, pos, hi, target,
+                          self.cfg.auto_offset_reset)
+            consumer.seek(tps[p], target)
+            self._next[p] = target
+            self.on_error("offset_reset")
+
+    def _run(self, index: int) -> None:
+        """One consumer thread: (re)connect, consume until stopped; any client failure reconnects."""
+        delay = 0.5
+        while not self.stop_event.is_set():
+            consumer = self._connect(index)
+            if consumer is None:
+                return
+            self._set_reachable(True, f"connected to Kafka at {self.cfg.bootstrap_servers}")
+            try:
+                self._consume(consumer, index)
+                return  # stopped
+            except Exception as e:  # noqa: BLE001 - a dead thread would stall the daemon silently
+                self.on_error("consumer")
+                self._set_reachable(False, f"consumer {index} failed ({type(e).__name__}: {e}); reconnecting")
+            finally:
+                try:
+                    consumer.close(autocommit=False)
+                except Exception:  # noqa: BLE001
+                    pass
+            self.stop_event.wait(delay)
+            delay = min(delay * 2, self.cfg.reconnect_backoff_max_ms / 1000)
+
+    def _consume(self, consumer, index: int) -> None:
+        from kafka import TopicPartition
+        from kafka.errors import LogTruncationError, OffsetOutOfRangeError
+
         owned: list[int] = []
         last_refresh = last_probe = 0.0
-        try:
-            while not self.stop_event.is_set():
-                now = time.monotonic()
-                if not owned or now - last_refresh > self.cfg.metadata_refresh_s:
-                    last_refresh = now
-                    try:
-                        owned = self._assign_new(consumer, index, owned)
-                    except Exception as e:  # noqa: BLE001
-                        log.warning("partition discovery failed: %s", e)
-                        self.on_error("metadata")
-                    if not owned:
-                        if not self.cfg.topic in (consumer.topics() or set()):
-                            log.warning("topic %r does not exist yet; waiting", self.cfg.topic)
-                        self.stop_event.wait(1.0)
-                        continue
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            if not owned or now - last_refresh > self.cfg.metadata_refresh_s:
+                last_refresh = now
                 try:
-                    batches = consumer.poll(timeout_ms=200)
-                except Exception as e:  # noqa: BLE001 - kafka-python retries connections itself
-                    self.on_error("poll")
-                    self._set_reachable(False, f"Kafka poll failed ({type(e).__name__}: {e}); retrying")
+                    owned = self._assign_new(consumer, index, owned)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("partition discovery failed: %s", e)
+                    self.on_error("metadata")
+                if not owned:
+                    try:
+                        exists = self.cfg.topic in (consumer.topics() or set())
+                    except Exception:  # noqa: BLE001 - broker trouble: same wait
+                        exists = True
+                    if not exists:
+                        log.warning("topic %r does not exist yet; waiting", self.cfg.topic)
                     self.stop_event.wait(1.0)
                     continue
-                n = 0
-                for tp, records in batches.items():
-                    for r in records:
-                        rec = RawRecord(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []))
-                        if not self.queue.put(rec, self.stop_event):
-                            return  # stopping: what is not queued is re-read after restart
-                        n += 1
-                if n:
-                    self.on_consumed(n)
-                    self._set_reachable(True, "Kafka reachable again")
-                    last_probe = time.monotonic()
-                with self._lock:
-                    for p in owned:
-                        hw = consumer.highwater(TopicPartition(self.cfg.topic, p))
-                        if hw is not None:
-                            self.status.highwater[p] = hw
-                if not n and time.monotonic() - last_probe > self.probe_every_s:
-                    # Idle: make sure the broker is still there (a frozen broker looks idle too).
-                    last_probe = time.monotonic()
-                    try:
-                        consumer.end_offsets([TopicPartition(self.cfg.topic, owned[0])])
-                        self._set_reachable(True, "Kafka reachable again")
-                    except Exception as e:  # noqa: BLE001
-                        self.on_error("probe")
-                        self._set_reachable(False, f"Kafka not answering ({type(e).__name__}); "
-                                                   "waiting for it to come back")
-        finally:
             try:
-                consumer.close(autocommit=False)
-            except Exception:  # noqa: BLE001
-                pass
+                batches = consumer.poll(timeout_ms=200)
+            except OffsetOutOfRangeError as e:
+                positions = {tp.partition: off for tp, off in (e.args[0] if e.args and isinstance(e.args[0], dict)
+                                                               else {}).items()}
+                self._reposition(consumer, positions or {p: self._next.get(p) for p in owned}, "position")
+                continue
+            except LogTruncationError as e:
+                # Records we read no longer exist on the broker (unclean leader election).
+                div = {tp.partition: om for tp, om in e.divergent_offsets.items()}
+                log.error("log truncation detected on partitions %s; re-positioning", sorted(div))
+                self._reposition(consumer, {p: (om.offset if om is not None else None) for p, om in div.items()},
+                                 "position")
+                continue
+            except Exception as e:  # noqa: BLE001 - kafka-python retries connections itself
+                self.on_error("poll")
+                self._set_reachable(False, f"Kafka poll failed ({type(e).__name__}: {e}); retrying")
+                self.stop_event.wait(1.0)
+                continue
+            for p in [p for p in self._unverified if p in owned]:
+                hw = consumer.highwater(TopicPartition(self.cfg.topic, p))
+                if hw is not None:  # a fetch response arrived: its high watermark is the log end
+                    pos = self._unverified.pop(p)
+                    if pos > hw:
+                        self._reposition(consumer, {p: pos}, "resume offset")
+            n = 0
+            for tp, records in batches.items():
+                for r in records:
+                    rec = RawRecord(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []))
+                    if not self.queue.put(rec, self.stop_event):
+                        return  # stopping: what is not queued is re-read after restart
+                    self._next[r.partition] = r.offset + 1  # a reconnect resumes here, not at the start
+                    n += 1
+            if n:
+                self.on_consumed(n)
+                self._set_reachable(True, "Kafka reachable again")
+                last_probe = time.monotonic()
+            with self._lock:
+                for p in owned:
+                    hw = consumer.highwater(TopicPartition(self.cfg.topic, p))
+                    if hw is not None:
+                        self.status.highwater[p] = hw
+            if not n and time.monotonic() - last_probe > self.probe_every_s:
+                # Idle: make sure the broker is still there (a frozen broker looks idle too).
+                last_probe = time.monotonic()
+                try:
+                    consumer.end_offsets([TopicPartition(self.cfg.topic, owned[0])])
+                    self._set_reachable(True, "Kafka reachable again")
+                except Exception as e:  # noqa: BLE001
+                    self.on_error("probe")
+                    self._set_reachable(False, f"Kafka not answering ({type(e).__name__}); "
+                                               "waiting for it to come back")
+
+
+class DeadLetterError(RuntimeError):
+    """Some dead letters are not acknowledged by the broker (yet); they stay queued for the next flush."""
 
 
 class DeadLetters:
-    """Produces rejected records to ``kafka.dlq_topic`` with ``streamkd-error`` / ``streamkd-source`` headers."""
+    """Produces rejected records to ``kafka.dlq_topic`` with ``streamkd-error`` / ``streamkd-source`` headers.
+
+    Every dead letter is kept until the broker acknowledges it: a send that
+    fails (broker down, producer not yet connected, delivery timeout) is
+    retried at the next :meth:`flush`, and :meth:`flush` raises while any is
+    unacknowledged. The daemon flushes before each checkpoint, so offsets that
+    cover a rejected record are never committed before its dead letter is
+    durable in Kafka. (``KafkaProducer.flush`` alone is not enough: it waits
+    for sends to *finish*, and a failed one finishes too.)
+    """
 
     def __init__(self, cfg: KafkaConfig, max_value_bytes: int):
         self.cfg = cfg
         self.max_value_bytes = max_value_bytes
         self._producer = None
         self._lock = threading.Lock()
+        # [message kwargs, future or None (not sent yet)] in send order; acknowledged ones are dropped.
+        self._pending: list[list] = []
 
     def _get(self):
         from kafka import KafkaProducer
@@ -340,6 +459,7 @@ class DeadLetters:
             return self._producer
 
     def send(self, rec: RawRecord, reason: str) -> None:
+        """Queue one dead letter. Never raises for broker trouble: what fails now is retried by flush()."""
         if self.cfg.dlq_topic is None:
             return
         value = rec.value or b""
@@ -350,12 +470,58 @@ class DeadLetters:
             headers.append(("streamkd-truncated", b"1"))
         headers += [("streamkd-error", reason.encode()),
                     ("streamkd-source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode())]
-        self._get().send(self.cfg.dlq_topic, value=value, key=rec.key, headers=headers)
+        msg = dict(value=value, key=rec.key, headers=headers)
+        entry = [msg, self._try_send(msg)]
+        with self._lock:
+            # Drop what is already acknowledged, so a burst of big rejects between two
+            # checkpoints does not pile up in memory.
+            self._pending = [e for e in self._pending if not (e[1] is not None and e[1].succeeded())]
+            self._pending.append(entry)
+
+    def _try_send(self, msg: dict):
+        try:
+            return self._get().send(self.cfg.dlq_topic, **msg)
+        except Exception as e:  # noqa: BLE001 - no broker, metadata timeout: flush() sends it again
+            log.warning("dead-letter send failed (%s: %s); it stays queued and is retried", type(e).__name__, e)
+            return None
+
+    @property
+    def pending(self) -> int:
+        """Dead letters not yet acknowledged."""
+        with self._lock:
+            return len(self._pending)
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Block until every dead letter is acknowledged (called before offsets covering them are committed)."""
-        if self._producer is not None:
-            self._producer.flush(timeout=timeout_s)
+        """Block until every dead letter is acknowledged; raises DeadLetterError after ``timeout_s``.
+
+        Called before offsets covering them are committed.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                entries = list(self._pending)
+            if not entries:
+                return
+            if self._producer is not None:
+                try:
+                    self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
+                except Exception as e:  # noqa: BLE001 - KafkaTimeoutError: checked below
+                    log.debug("dead-letter flush: %s", e)
+            done = []
+            for entry in entries:
+                fut = entry[1]
+                if fut is not None and fut.is_done and fut.succeeded():
+                    done.append(entry)
+                elif fut is None or (fut.is_done and fut.failed()):
+                    entry[1] = self._try_send(entry[0])  # failed or never sent: again, in order
+            with self._lock:
+                self._pending = [e for e in self._pending if not any(e is d for d in done)]
+                left = len(self._pending)
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                raise DeadLetterError(f"{left} dead letters not acknowledged within {timeout_s:.0f} s")
+            time.sleep(0.2)
 
     def close(self) -> None:
         if self._producer is not None:

@@ -1,0 +1,118 @@
+"""Evaluation: accuracy and agreement on real Fashion-MNIST images, and the `streamkd eval` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from streamkd import cli
+from streamkd import models as models_mod
+from streamkd.datasets import load_fashion_mnist
+from streamkd.evaluate import (
+    InputSpec,
+    agreement,
+    evaluate,
+    predict,
+    spec_from_manifest,
+)
+from streamkd.models import FMNIST_MEAN, FMNIST_STD, build_model
+from streamkd.preprocess import to_model_input
+from streamkd.snapshot import SnapshotStore
+
+SPEC = InputSpec((28, 28), 1, FMNIST_MEAN, FMNIST_STD)
+
+
+def lenet(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("streamkd:lenet5", 10, in_channels=1, input_size=(28, 28))
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_fashion_mnist("test", download=False)
+    return x[:200], y[:200]
+
+
+def hand_predictions(model: torch.nn.Module, images: torch.Tensor, spec: InputSpec) -> list[int]:
+    """The obvious way: all images in one forward, then a Python argmax per row."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(to_model_input(images, spec.size, spec.channels, spec.mean, spec.std)).tolist()
+    return [max(range(len(row)), key=row.__getitem__) for row in logits]
+
+
+def test_accuracy_equals_a_hand_loop(data) -> None:
+    images, labels = data
+    model = lenet(3).train()
+    hand = hand_predictions(lenet(3), images, SPEC)
+    want = sum(int(p == y) for p, y in zip(hand, labels.tolist())) / 200
+    got = evaluate(model, images, labels, SPEC, batch_size=64)  # 64 does not divide 200: a short last batch
+    assert got == {"acc": want, "n": 200}
+    assert model.training  # mode restored
+
+
+def test_agreement_equals_a_hand_loop(data) -> None:
+    images, _ = data
+    a, b = lenet(1), lenet(2)
+    pa, pb = hand_predictions(lenet(1), images, SPEC), hand_predictions(lenet(2), images, SPEC)
+    want = sum(int(x == y) for x, y in zip(pa, pb)) / 200
+    assert agreement(a, b, images, SPEC, batch_size=77) == {"agreement": want, "n": 200}
+    assert agreement(a, a, images, SPEC)["agreement"] == 1.0
+    # Each model gets its own preprocessing: a 3-channel 32 px model on the same 1-channel images.
+    rgb = build_model("streamkd:lenet5", 10, in_channels=3, input_size=(32, 32))
+    spec_rgb = InputSpec((32, 32), 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert predict(rgb, images[:10], spec_rgb).shape == (10,)
+    assert 0.0 <= agreement(a, rgb, images, SPEC, spec_rgb)["agreement"] <= 1.0
+
+
+def publish_student(root: Path, model: torch.nn.Module) -> dict:
+    m = {"step": 50, "samples_seen": 1600,
+         "student": {"model": "streamkd:lenet5", "num_classes": 10, "input_shape": [1, 1, 28, 28], "channels": 1,
+                     "input_size": [28, 28], "mean": list(FMNIST_MEAN), "std": list(FMNIST_STD)},
+         "metrics": {"agreement": 0.5, "kd_loss": 1.0}}
+    return SnapshotStore(root).publish(model.state_dict(), m)
+
+
+def test_cli_json_matches_the_functions(data, tmp_path, capsys) -> None:
+    images, labels = data
+    student, teacher = lenet(4), lenet(5)
+    manifest = publish_student(tmp_path / "snap", student)
+    assert spec_from_manifest(manifest["student"]) == InputSpec((28, 28), 1, FMNIST_MEAN, FMNIST_STD)
+    weights = tmp_path / "teacher.safetensors"
+    save_file(teacher.state_dict(), str(weights))
+
+    for where in (tmp_path / "snap", tmp_path / "snap" / "1"):
+        assert cli.main(["eval", str(where), "--limit", "200", "--json",
+                         "--teacher", "streamkd:lenet5", "--teacher-weights", str(weights)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["version"] == 1 and out["n"] == 200 and out["split"] == "test"
+        assert out["student"]["acc"] == evaluate(student, images, labels, SPEC)["acc"]
+        assert out["teacher"]["acc"] == evaluate(teacher, images, labels, SPEC)["acc"]
+        assert out["agreement"] == agreement(student, teacher, images, SPEC)["agreement"]
+
+
+def test_cli_table_without_the_shipped_teacher(tmp_path, capsys, monkeypatch) -> None:
+    publish_student(tmp_path / "snap", lenet(4))
+
+    def missing() -> Path:
+        raise FileNotFoundError("shipped teacher weights missing: (test)")
+
+    monkeypatch.setattr(models_mod, "shipped_teacher_weights", missing)
+    assert cli.main(["eval", str(tmp_path / "snap"), "--limit", "50"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["snapshot", "dataset", "student", "teacher"]
+    assert "not evaluated" in lines[3] and "50 images" in lines[1]
+    assert 0.0 <= float(lines[2].split()[1]) <= 1.0
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys) -> None:
+    assert cli.main(["eval", str(tmp_path / "nothing"), "--no-teacher"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    publish_student(tmp_path / "snap", lenet(4))
+    # A teacher with random weights would make the figures meaningless: refused, not silently used.
+    assert cli.main(["eval", str(tmp_path / "snap"), "--teacher", "streamkd:lenet5"]) == 2
+    assert "--teacher-weights" in capsys.readouterr().err
