@@ -127,7 +127,6 @@ class KafkaSource:
         # partition -> next offset to fetch: the checkpoint's at start, then one past the last
         # record queued, so a consumer recreated after a failure neither skips nor repeats.
         self._next: dict[int, int] = dict(start_offsets)
-        self._unverified: dict[int, int] = {}  # partition -> sought position not yet checked against the log
         self.stop_event = stop
         self.on_consumed = on_consumed
         self.on_error = on_error
@@ -251,7 +250,8 @@ class KafkaSource:
     def _mine(self, partitions: Iterable[int], index: int) -> list[int]:
         return sorted(p for p in partitions if p % self.cfg.consumers == index)
 
-    def _assign_new(self, consumer, index: int, owned: list[int]) -> list[int]:
+    def _assign_new(self, consumer, index: int, owned: list[int], unverified: dict[int, int]) -> list[int]:
+        """Assign this thread's partitions; newly sought known positions go into ``unverified``."""
         from kafka import TopicPartition
 
         parts = consumer.partitions_for_topic(self.cfg.topic)
@@ -279,7 +279,7 @@ class KafkaSource:
         # A fetch beyond the log end returns nothing, forever, without an error (the log end
         # may be re-filled by new records later, which we would then skip): _consume checks
         # these positions against the high watermark of the first fetch response.
-        self._unverified.update(known)
+        unverified.update(known)
         with self._lock:
             self.status.assigned.update(mine)
         log.info("consumer %d assigned partitions %s of %s (start offsets %s)", index, mine, self.cfg.topic,
@@ -353,13 +353,14 @@ class KafkaSource:
         from kafka.errors import LogTruncationError, OffsetOutOfRangeError
 
         owned: list[int] = []
+        unverified: dict[int, int] = {}  # partition -> sought position not yet checked against the log
         last_refresh = last_probe = 0.0
         while not self.stop_event.is_set():
             now = time.monotonic()
             if not owned or now - last_refresh > self.cfg.metadata_refresh_s:
                 last_refresh = now
                 try:
-                    owned = self._assign_new(consumer, index, owned)
+                    owned = self._assign_new(consumer, index, owned, unverified)
                 except Exception as e:  # noqa: BLE001
                     log.warning("partition discovery failed: %s", e)
                     self.on_error("metadata")
@@ -391,10 +392,10 @@ class KafkaSource:
                 self._set_reachable(False, f"Kafka poll failed ({type(e).__name__}: {e}); retrying")
                 self.stop_event.wait(1.0)
                 continue
-            for p in [p for p in self._unverified if p in owned]:
+            for p in list(unverified):
                 hw = consumer.highwater(TopicPartition(self.cfg.topic, p))
                 if hw is not None:  # a fetch response arrived: its high watermark is the log end
-                    pos = self._unverified.pop(p)
+                    pos = unverified.pop(p)
                     if pos > hw:
                         self._reposition(consumer, {p: pos}, "resume offset")
             n = 0

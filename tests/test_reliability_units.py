@@ -213,7 +213,11 @@ def test_dead_letter_send_that_raises_is_retried() -> None:
 # ------------------------------------------------------------------ offsets outside the log
 
 class FakeConsumer:
-    """Just enough of KafkaConsumer for KafkaSource._consume: the log of one partition is [lo, hi)."""
+    """Just enough of KafkaConsumer for KafkaSource._consume; the log of partition 0 is [lo, hi).
+
+    Like Kafka: a fetch below the log start raises OffsetOutOfRange, a fetch at or
+    beyond the end returns nothing (and the high watermark).
+    """
 
     def __init__(self, source: KafkaSource, lo: int, hi: int, fail_first_poll_at: int | None):
         from kafka import TopicPartition
@@ -222,6 +226,8 @@ class FakeConsumer:
         self.tp = TopicPartition("t", 0)
         self.pos: int | None = None
         self.fail_at = fail_first_poll_at
+        self.fetched = False
+        self.empty_polls = 0
 
     def partitions_for_topic(self, topic):
         return {0}
@@ -236,10 +242,10 @@ class FakeConsumer:
         return {tp: self.lo for tp in tps}
 
     def end_offsets(self, tps):
-        return {tp: self.hi for tp in tps}
+        return {tp: self.hi - 6 for tp in tps}  # wrong, like Tansu's ListOffsets: must not be needed
 
     def highwater(self, tp):
-        return self.hi
+        return self.hi if self.fetched else None
 
     def poll(self, timeout_ms):
         from kafka.consumer.fetcher import ConsumerRecord
@@ -248,34 +254,43 @@ class FakeConsumer:
         if self.fail_at is not None:
             self.fail_at, at = None, self.fail_at
             raise OffsetOutOfRangeError({self.tp: at})
-        if self.pos is None or self.pos >= self.hi:
-            self.source.stop_event.set()
+        if self.pos < self.lo:
+            raise OffsetOutOfRangeError({self.tp: self.pos})
+        self.fetched = True
+        if self.pos >= self.hi:
+            self.empty_polls += 1
+            if self.empty_polls > 3:
+                self.source.stop_event.set()
             return {}
-        out = [ConsumerRecord("t", 0, -1, o, 0, 0, None, b"v", [], None, -1, 1, -1) for o in range(self.pos, self.hi)]
+        out = [ConsumerRecord("t", 0, -1, o, 0, 0, None, b"v", [], None, -1, 1, -1)
+               for o in range(self.pos, self.hi)]
         self.pos = self.hi
         return {self.tp: out}
 
 
-@pytest.mark.parametrize("start, lo, hi, fail_at, expect_first", [
-    (2, 5, 10, None, 5),  # checkpoint below the log start (retention deleted 2..4): continue at the start, loudly
-    (50, 0, 10, None, 0),  # beyond the log end (topic recreated): earliest re-reads rather than skips
-    (5, 0, 10, 3, 3),  # an OffsetOutOfRange from poll for an offset that is in range: fetch it again
-], ids=["below-start", "beyond-end", "poll-error-in-range"])
-def test_out_of_range_positions_are_reset_loudly(start, lo, hi, fail_at, expect_first,
+@pytest.mark.parametrize("start, lo, hi, fail_at, expect_first, logged", [
+    # checkpoint below the log start (retention deleted 2..4): continue at the start, loudly
+    (2, 5, 10, None, 5, "partition 0: position 2 is below the log start 5: 3 records were deleted"),
+    # beyond the log end (topic recreated): "earliest" re-reads rather than skips, loudly
+    (50, 0, 10, None, 0, "partition 0: resume offset 50 is beyond the log end 10"),
+    (10, 0, 10, None, None, None),  # exactly at the end: nothing to do, nothing to say
+    # an OffsetOutOfRange from poll for an offset that is in range: fetch it again, quietly
+    (5, 0, 10, 3, 3, None),
+], ids=["below-start", "beyond-end", "at-end", "poll-error-in-range"])
+def test_out_of_range_positions_are_reset_loudly(start, lo, hi, fail_at, expect_first, logged,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     errors: list[str] = []
     q = RecordQueue(100, 1 << 20)
     src = KafkaSource(KafkaConfig(topic="t"), q, {0: start}, threading.Event(), on_error=errors.append)
-    consumer = FakeConsumer(src, lo, hi, fail_at)
     with caplog.at_level(logging.ERROR, logger="streamkd.source"):
-        src._consume(consumer, 0)
+        src._consume(FakeConsumer(src, lo, hi, fail_at), 0)
     got = q.get_many(100, 0)
-    assert got and got[0].offset == expect_first and got[-1].offset == hi - 1
-    if expect_first != start and fail_at is None:
-        assert errors == ["offset_reset"]
-        assert f"partition 0: resume offset {start}" in caplog.text
+    if expect_first is None:
+        assert got == []
     else:
-        assert errors == []
+        assert got[0].offset == expect_first and got[-1].offset == hi - 1
+    assert errors == (["offset_reset"] if logged else [])
+    assert (logged or "") in caplog.text and (logged is not None or not caplog.text)
 
 
 # ------------------------------------------------------------------ disk full
@@ -300,3 +315,30 @@ def test_snapshot_disk_full_keeps_previous(tmp_path: Path, monkeypatch: pytest.M
     assert (tmp_path / "LATEST").read_text().strip() == "1"
     assert store.latest() == first
     assert store.publish({"w": torch.zeros(4)}, {"step": 3})["version"] == 2 + (where == "latest")
+
+
+@pytest.mark.kafka
+def test_resume_positions_checked_against_a_real_broker(broker, topic) -> None:
+    """Tansu answers ListOffsets(latest) with the last batch's base offset: a resume at the true
+    end must not look "beyond the end" (that re-read everything once), and one really beyond it
+    must be re-positioned."""
+    from conftest import produce_values
+
+    counts = produce_values(broker.bootstrap, topic, [b"x" * 100] * 600)  # 200 per partition, several batches
+    errors: list[str] = []
+    q = RecordQueue(1000, 1 << 24)
+    stop = threading.Event()
+    src = KafkaSource(KafkaConfig(bootstrap_servers=broker.bootstrap, topic=topic), q,
+                      {0: counts[0], 1: counts[1] + 50, 2: 190}, stop, on_error=errors.append)
+    src.start()
+    got: list[RawRecord] = []
+    deadline = time.monotonic() + 30
+    while len(got) < 210 and time.monotonic() < deadline:
+        got += q.get_many(1000, 0.2)
+    time.sleep(1.0)  # anything more would be a duplicate
+    got += q.get_many(1000, 0)
+    stop.set()
+    src.join(5)
+    by_part = {p: sorted(r.offset for r in got if r.partition == p) for p in range(3)}
+    assert by_part == {0: [], 1: list(range(200)), 2: list(range(190, 200))}
+    assert errors == ["offset_reset"]
