@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .decode import Decoded, Limits, Rejected, decode_record
+from .gpu_decode import GpuJpegDecoder, JpegRef, check_jpeg
 from .preprocess import resize_uint8
 from .quarantine import DecodeJournal, chunk_ranges
 from .source import RawRecord, RecordQueue
@@ -39,14 +40,23 @@ class Batch:
     offsets: dict[int, int]  # partition -> next offset, for every partition this batch touched
     records: int  # Kafka records in the batch (rejected ones included)
     first_offsets: dict[int, int]  # partition -> first offset in the batch (for logs on rollback)
+    ready: "torch.cuda.Event | None" = None  # images already on the GPU: wait on this event before use
 
     @property
     def size(self) -> int:
         return int(self.images.shape[0])
 
 
-def prepare(rec: RawRecord, limits: Limits, size: tuple[int, int], channels: int) -> Decoded | Rejected:
-    """Decode one record and bring every image to the teacher's size/channels (runs in the pool)."""
+def prepare(rec: RawRecord, limits: Limits, size: tuple[int, int], channels: int,
+            gpu_jpeg: bool = False) -> Decoded | Rejected | JpegRef:
+    """Decode one record and bring every image to the teacher's size/channels (runs in the pool).
+
+    With ``gpu_jpeg``, a JPEG that nvJPEG can take is only checked here (a JpegRef): the GPU decodes it.
+    """
+    if gpu_jpeg:
+        ref = check_jpeg(rec.value, rec.headers, limits)
+        if ref is not None:
+            return ref
     out = decode_record(rec.value, rec.headers, limits)
     if isinstance(out, Rejected):
         return out
@@ -62,7 +72,7 @@ class Batcher:
     def __init__(self, records: RecordQueue, out: "queue.Queue[Batch]", *, batch_size: int, max_wait_s: float,
                  limits: Limits, size: tuple[int, int], channels: int, workers: int, stop: threading.Event,
                  on_reject: Callable[[RawRecord, Rejected], None], pin_memory: bool = False,
-                 journal: DecodeJournal | None = None):
+                 journal: DecodeJournal | None = None, gpu: GpuJpegDecoder | None = None):
         self.records, self.out = records, out
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.limits, self.size, self.channels = limits, size, channels
@@ -70,6 +80,7 @@ class Batcher:
         self.on_reject = on_reject
         self.pin_memory = pin_memory
         self.journal = journal
+        self.gpu = gpu  # nvJPEG decoder: JPEG pixels are decoded on the GPU, not in the CPU pool
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.error: BaseException | None = None
@@ -78,15 +89,25 @@ class Batcher:
         self.thread.start()
 
     def _emit(self, images: list[torch.Tensor], labels: list[int], offsets: dict[int, int],
-              first: dict[int, int], records: int) -> bool:
+              first: dict[int, int], records: int,
+              refs: list[tuple[RawRecord, JpegRef]] | None = None) -> bool:
+        ready = None
         if images:
             x = torch.cat(images) if len(images) > 1 else images[0]
             if self.pin_memory:
                 x = x.pin_memory()  # lets the loop's host->device copy run asynchronously
         else:  # only rejected records: an empty batch still moves the offsets forward
             x = torch.empty((0, self.channels, *self.size), dtype=torch.uint8)
+        if refs:
+            assert self.gpu is not None
+            # CPU-decoded images first, then the JPEGs nvJPEG decodes, all on the decoder's side stream.
+            x, failed, ready = self.gpu.decode([r for _, r in refs], x)
+            for i in failed:
+                self.on_reject(refs[i][0], Rejected("corrupt", "nvJPEG could not decode the image"))
+            bad = set(failed)
+            labels = labels + [-1 if r.label is None else r.label for i, (_, r) in enumerate(refs) if i not in bad]
         batch = Batch(images=x, labels=torch.tensor(labels, dtype=torch.int64), offsets=dict(offsets),
-                      records=records, first_offsets=dict(first))
+                      records=records, first_offsets=dict(first), ready=ready)
         while not self.stop_event.is_set():
             try:
                 self.out.put(batch, timeout=0.1)
@@ -113,7 +134,8 @@ class Batcher:
         def bulk() -> list[Decoded | Rejected]:
             # list(): every decode finishes here, so the journal's "in flight" window
             # covers decoding only, not the wait for room in the batch queue.
-            return list(self.pool.map(prepare, recs, [self.limits] * n, [self.size] * n, [self.channels] * n))
+            return list(self.pool.map(prepare, recs, [self.limits] * n, [self.size] * n, [self.channels] * n,
+                                      [self.gpu is not None] * n))
 
         j = self.journal
         if j is None:
@@ -133,20 +155,27 @@ class Batcher:
                 j.passed(rec.partition, rec.offset)
                 continue
             j.begin([(rec.partition, rec.offset, rec.offset)])
-            out.append(prepare(rec, self.limits, self.size, self.channels))
+            out.append(prepare(rec, self.limits, self.size, self.channels, self.gpu is not None))
             j.passed(rec.partition, rec.offset)
             j.end()
         return out
 
     def _loop(self) -> None:
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
+        images: list[torch.Tensor] = []  # CPU-decoded, uint8 k×C×H×W each
+        labels: list[int] = []  # one per image in `images`
+        refs: list[tuple[RawRecord, JpegRef]] = []  # JPEGs left for the GPU (one image each)
         offsets: dict[int, int] = {}
         first: dict[int, int] = {}
-        records = 0
-        n = 0
+        records = n = 0
         started = 0.0
         chunk = max(self.batch_size, 64)
+
+        def flush() -> bool:
+            nonlocal images, labels, refs, offsets, first, records, n
+            ok = self._emit(images, labels, offsets, first, records, refs)
+            images, labels, refs, offsets, first, records, n = [], [], [], {}, {}, 0, 0
+            return ok
+
         while not self.stop_event.is_set():
             wait = 0.05 if not records else max(0.0, min(0.05, started + self.max_wait_s - time.monotonic()))
             recs = self.records.get_many(chunk, timeout=wait)
@@ -155,24 +184,22 @@ class Batcher:
                 if isinstance(res, Rejected):
                     self.on_reject(rec, res)
                 else:
-                    k = int(res.images.shape[0])
+                    k = 1 if isinstance(res, JpegRef) else int(res.images.shape[0])
                     if n and n + k > self.batch_size:  # whole records only: flush first
-                        if not self._emit(images, labels, offsets, first, records):
+                        if not flush():
                             return
-                        images, labels, offsets, first, records, n = [], [], {}, {}, 0, 0
-                    images.append(res.images)
-                    labels.extend([-1 if res.label is None else res.label] * k)
+                    if isinstance(res, JpegRef):
+                        refs.append((rec, res))
+                    else:
+                        images.append(res.images)
+                        labels.extend([-1 if res.label is None else res.label] * k)
                     n += k
                 if not records:
                     started = time.monotonic()
                 records += 1
                 first.setdefault(rec.partition, rec.offset)
                 offsets[rec.partition] = rec.offset + 1  # resume at the next record, not this one
-                if n >= self.batch_size:
-                    if not self._emit(images, labels, offsets, first, records):
-                        return
-                    images, labels, offsets, first, records, n = [], [], {}, {}, 0, 0
-            if records and time.monotonic() - started >= self.max_wait_s:
-                if not self._emit(images, labels, offsets, first, records):
+                if n >= self.batch_size and not flush():
                     return
-                images, labels, offsets, first, records, n = [], [], {}, {}, 0, 0
+            if records and time.monotonic() - started >= self.max_wait_s and not flush():
+                return

@@ -71,6 +71,7 @@ class InputConfig:
     max_images: int = 1024
     decode_workers: int = 2
     max_wait_ms: int = 200  # a partial batch is trained after this long without new records
+    gpu_decode: bool = True  # on CUDA, decode JPEG with nvJPEG (batched, on a side stream)
 
 
 @dataclass(frozen=True)

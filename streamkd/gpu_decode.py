@@ -95,24 +95,32 @@ class GpuJpegDecoder:
         self.mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         self.stream = torch.cuda.Stream(device=device)
 
-    def decode(self, refs: Sequence[JpegRef]) -> tuple[torch.Tensor, list[int], torch.cuda.Event]:
-        """Decode ``refs``; returns (images of the decodable ones, indices that failed, ready event)."""
+    def decode(self, refs: Sequence[JpegRef], cpu_images: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, list[int], torch.cuda.Event]:
+        """Decode ``refs`` (and copy ``cpu_images``, uint8 N×C×H×W, in front of them) on the side stream.
+
+        Returns (device images: cpu_images first, then the decodable refs; indices of refs that
+        failed; the event the consuming stream must wait on).
+        """
         from torchvision.io import decode_jpeg
 
         datas = [torch.frombuffer(bytearray(r.data), dtype=torch.uint8) for r in refs]
         failed: list[int] = []
         with torch.cuda.stream(self.stream):
-            try:
-                out = decode_jpeg(datas, mode=self.mode, device=self.device)
-            except RuntimeError:
-                # One bad image fails the whole batched call: find it, decode the rest one by one.
-                out = []
-                for i, d in enumerate(datas):
-                    try:
-                        out.append(decode_jpeg(d, mode=self.mode, device=self.device))
-                    except RuntimeError:
-                        failed.append(i)
+            out: list[torch.Tensor] = []
+            if datas:
+                try:
+                    out = list(decode_jpeg(datas, mode=self.mode, device=self.device))
+                except RuntimeError:
+                    # One bad image fails the whole batched call: find it, decode the rest one by one.
+                    for i, d in enumerate(datas):
+                        try:
+                            out.append(decode_jpeg(d, mode=self.mode, device=self.device))
+                        except RuntimeError:
+                            failed.append(i)
             images = self._fit(out)
+            if cpu_images is not None and cpu_images.shape[0]:
+                images = torch.cat([cpu_images.to(self.device, non_blocking=True), images])
             ready = torch.cuda.Event()
             ready.record(self.stream)
         return images, failed, ready
