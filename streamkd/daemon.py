@@ -164,7 +164,9 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
     intake_stop = threading.Event()  # stops consuming; the loop itself stops on `stop`
     source = KafkaSource(cfg.kafka, records, prog.offsets, intake_stop, on_consumed=metrics.consumed,
                          on_error=lambda op: metrics.kafka_errors.labels(op).inc())
-    dlq = DeadLetters(cfg.kafka, max_value_bytes=min(cfg.input.max_bytes, 1 << 20))
+    # Values are cut to stay under the producer's (and Kafka's default broker) 1 MiB request limit,
+    # with room left for key, headers and batch overhead.
+    dlq = DeadLetters(cfg.kafka, max_value_bytes=min(cfg.input.max_bytes, 1_000_000))
     rejected_count = [0]
 
     def on_reject(rec: RawRecord, why: Rejected) -> None:
@@ -185,7 +187,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
     batcher = Batcher(records, batches, batch_size=cfg.train.batch_size, max_wait_s=cfg.input.max_wait_ms / 1000,
                       limits=limits, size=cfg.teacher.input_size, channels=cfg.teacher.channels,
                       workers=cfg.input.decode_workers, stop=intake_stop, on_reject=on_reject,
-                      pin_memory=parts.device.type == "cuda", journal=journal)
+                      pin_memory=parts.device.type == "cuda", gpu=_gpu_decoder(cfg, parts.device), journal=journal)
     heartbeat = [time.monotonic()]
     server = HttpServer(cfg.metrics.host, cfg.metrics.port, parts.registry,
                         healthy=lambda: time.monotonic() - heartbeat[0] < 120,
@@ -342,6 +344,9 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
             metrics.queue_depth.set(batches.qsize())
 
             if batch is not None and batch.size:
+                if batch.ready is not None:  # decoded on the GPU on a side stream: order after it
+                    torch.cuda.current_stream(parts.device).wait_event(batch.ready)
+                    batch.images.record_stream(torch.cuda.current_stream(parts.device))
                 x = batch.images.to(parts.device, non_blocking=True)
                 y = batch.labels.to(parts.device, non_blocking=True)
                 # 4. Teacher labels the batch.
@@ -430,6 +435,15 @@ def _rfc3339_to_unix(value: str | None) -> float:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return 0.0
+
+
+def _gpu_decoder(cfg: Config, device: torch.device):
+    """nvJPEG batch decoder on CUDA hosts (``input.gpu_decode``), else None (CPU decode pool only)."""
+    if device.type != "cuda" or not cfg.input.gpu_decode:
+        return None
+    from .gpu_decode import GpuJpegDecoder
+
+    return GpuJpegDecoder(device, cfg.teacher.input_size, cfg.teacher.channels)
 
 
 def _result(fut: Future, what: str) -> None:
