@@ -185,8 +185,11 @@ def main() -> None:
     ap.add_argument("--records", type=int, help="records for the end-to-end run")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for the daemon")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script itself (numbers meaningless)")
     args = ap.parse_args()
-    p = PRESETS[args.preset]
+    p = dict(PRESETS[args.preset])
+    if args.smoke:
+        p.update(records=600, batch=16, warmup=100, naive_records=64, compute_steps=2)
     n = args.records or p["records"]
 
     from streamkd import daemon

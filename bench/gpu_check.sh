@@ -1,0 +1,18 @@
+#!/bin/bash
+# One prepared run on a CUDA host: the CUDA tests, then the GPU throughput preset (both decode paths).
+# Results go to $OUT (default ./gpu-results); the last lines are a short table.
+# Optional: wheels in .whl/ (kafka-python, crc32c) and a tansu binary in .carry/bin/ for hosts without a registry.
+set -uo pipefail
+OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+[ -x .carry/bin/tansu ] && export STREAMKD_BROKER_BIN="$PWD/.carry/bin/tansu"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_gpu_decode.py tests/test_preprocess.py tests/test_loss.py 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
+timeout 300 python3 bench/throughput.py --preset gpu 2>&1 | tee "$OUT/throughput-gpu.log"
+timeout 200 python3 bench/throughput.py --preset gpu --records 150000 --set input.gpu_decode=false 2>&1 | tee "$OUT/throughput-gpu-cpudecode.log"
+echo "== summary =="
+for f in "$OUT"/throughput-gpu*.log; do echo "$(basename "$f"): $(tail -n 1 "$f")"; done

@@ -1,0 +1,236 @@
+"""Every Grafana panel query returns data from a real Prometheus scraping a running daemon.
+
+A real Prometheus server (Debian package `prometheus`; missing -> the test fails, it never
+skips) runs the deployed scrape config (deploy/prometheus/prometheus.yml: its `streamkd` job
+pointed at the daemon, 1 s instead of 5 s) and the deployed alert rules. The daemon trains on
+Fashion-MNIST PNG records from the real broker fixture, some with a `label` header (label
+accuracy panel) and a few corrupt (rejection panels), checkpointing and publishing snapshots
+every few steps. Each panel query from `dashboard_exprs()` is then sent to Prometheus's HTTP
+API and must answer with at least one series holding a number: what Grafana would draw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import fmnist_pngs, free_port, produce_values, write_config
+from test_deploy import PROMETHEUS_CONFIG, RULES, dashboard_exprs
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+JOB = "streamkd"  # the job name the alert rules select on (up{job="streamkd"})
+IMAGES = 600
+CORRUPT = [b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, b"\xff\xd8\xff\xe0 truncated jpeg", b"definitely not an image"]
+DEADLINE_S = 75  # from the daemon's start until every panel has data
+
+
+def _get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class Prometheus:
+    """`prometheus` on a free loopback port with a temporary TSDB; `query()` over its HTTP API."""
+
+    def __init__(self, binary: str, config: Path, workdir: Path):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "prometheus.log"
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h",
+             "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"prometheus not ready within {timeout} s:\n{self.tail()}")
+
+    def query(self, expr: str) -> dict:
+        """The API's whole answer ({"status", "data": {"resultType", "result"}} or an error)."""
+        url = f"{self.base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            return _get_json(url)
+        except urllib.error.HTTPError as e:  # 400/422: bad expression, with a JSON error body
+            return json.loads(e.read() or b"{}") or {"status": "error", "error": f"HTTP {e.code}"}
+
+    def rules(self) -> list[dict]:
+        body = _get_json(f"{self.base}/api/v1/rules")
+        assert body["status"] == "success", body
+        return [rule for group in body["data"]["groups"] for rule in group["rules"]]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def tail(self, n: int = 30) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def prometheus_config(metrics_port: int) -> dict:
+    """The deployed prometheus.yml, scraping only the daemon (every 1 s) under its own job name,
+    with the deployed rule files (absolute paths) evaluated every second."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / glob) for glob in config["rule_files"]]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    config["scrape_configs"] = [job]
+    return config
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        pytest.fail("`prometheus` (the server) not found on PATH: apt-get install prometheus")
+    return found
+
+
+@pytest.fixture
+def prometheus_factory(prometheus_binary, tmp_path):
+    servers: list[Prometheus] = []
+
+    def start(config: dict) -> Prometheus:
+        workdir = tmp_path / f"prometheus-{len(servers)}"
+        workdir.mkdir()
+        path = workdir / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config))
+        server = Prometheus(prometheus_binary, path, workdir)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def has_data(answer: dict) -> bool:
+    """What Grafana draws: a successful query with at least one series holding a number."""
+    if answer.get("status") != "success":
+        return False
+    data = answer["data"]
+    if data["resultType"] == "scalar":
+        return not math.isnan(float(data["result"][1]))
+    return bool(data["result"]) and all(not math.isnan(float(s["value"][1])) for s in data["result"])
+
+
+def scalar(prom: Prometheus, expr: str) -> float | None:
+    answer = prom.query(expr)
+    result = answer.get("data", {}).get("result") if answer.get("status") == "success" else None
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_every_dashboard_panel_has_data_from_a_live_daemon(prometheus_factory, broker, topic, tmp_path,
+                                                          daemon_factory):
+    exprs = dashboard_exprs()
+    assert exprs, "the dashboard has no queries"
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+
+    # The stream: PNGs, every other one labelled, with a few corrupt records among them.
+    values, labelled = fmnist_pngs(IMAGES, labels=True)
+    stream = values[:IMAGES // 2] + CORRUPT + values[IMAGES // 2:]
+    headers = [labelled(i)[0] if i % 2 == 0 else None for i in range(IMAGES)]
+    headers = headers[:IMAGES // 2] + [None] * len(CORRUPT) + headers[IMAGES // 2:]
+    first = IMAGES // 2 + len(CORRUPT)
+
+    def produce(lo: int, hi: int) -> None:
+        produce_values(broker.bootstrap, topic, stream[lo:hi],
+                       headers=lambda i: [headers[lo + i]] if headers[lo + i] else [])
+
+    produce(0, first)
+    port = free_port()
+    prom = prometheus_factory(prometheus_config(port))
+    config = write_config(tmp_path, broker.bootstrap, topic, port,
+                          checkpoint={"every_steps": 4, "every_seconds": 2},
+                          snapshot={"every_steps": 6, "every_seconds": 3, "keep": 2})
+    daemon = daemon_factory(config, port)
+    # The second half once Prometheus has seen training start: consumption then spans scrapes,
+    # so the throughput panels show rates above zero, not just the first burst.
+    deadline = time.monotonic() + DEADLINE_S
+    while not scalar(prom, "streamkd_samples_trained_total"):
+        if daemon.proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no training seen by Prometheus:\n{daemon.tail()}\n{prom.tail(10)}")
+        time.sleep(0.5)
+    produce(first, len(stream))
+
+    # Poll until Prometheus has scraped enough: every panel query answers with numbers (the
+    # rate() panels need two scrapes of a moving counter inside their 1m window).
+    answers: dict[str, dict] = {}
+    while True:
+        if daemon.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.tail()}")
+        if prom.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited with {prom.proc.returncode}:\n{prom.tail()}")
+        answers = {expr: prom.query(expr) for _, expr in exprs}
+        trained = scalar(prom, "streamkd_samples_trained_total") or 0
+        snapshot = scalar(prom, "streamkd_last_snapshot_version") or 0
+        if all(map(has_data, answers.values())) and trained >= IMAGES and snapshot >= 1:
+            break
+        if time.monotonic() > deadline:
+            empty = [f"  {title}: {expr}\n    -> {json.dumps(answers[expr])[:300]}"
+                     for title, expr in exprs if not has_data(answers[expr])]
+            raise AssertionError(
+                f"within {DEADLINE_S} s of the daemon's start ({trained:.0f} samples trained in "
+                f"Prometheus, snapshot {snapshot:.0f}), {len(empty)} panel queries returned no data:\n"
+                + "\n".join(empty) + f"\n--- daemon log:\n{daemon.tail(15)}\n--- prometheus log:\n{prom.tail(10)}")
+        time.sleep(1.0)
+
+    for title, expr in exprs:  # what the loop waited for, as the assertion of record
+        answer = answers[expr]
+        assert answer["status"] == "success", f"{title}: {expr}: {answer}"
+        assert answer["data"]["result"], f"{title}: {expr}: empty result"
+
+    # The panels show this run's stream, not just any number.
+    assert scalar(prom, f'up{{job="{JOB}"}}') == 1.0
+    assert scalar(prom, "streamkd_ready") == 1.0
+    assert scalar(prom, "streamkd_samples_trained_total") == IMAGES
+    assert scalar(prom, 'sum(streamkd_messages_rejected_total)') == len(CORRUPT)
+    assert scalar(prom, "sum(rate(streamkd_samples_trained_total[1m]))") > 0
+    assert scalar(prom, "sum(rate(streamkd_messages_consumed_total[1m]))") > 0
+    assert 0.0 <= scalar(prom, "streamkd_label_accuracy_ratio") <= 1.0
+    assert scalar(prom, "streamkd_checkpoints_written_total") >= 1
+
+    # The deployed alert rules load and evaluate against live series without errors.
+    deadline = time.monotonic() + 15
+    while True:
+        rules = prom.rules()
+        if all(r["health"] != "unknown" for r in rules) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert {r["name"] for r in rules if r["type"] == "alerting"} == alerts
+    broken = {r["name"]: (r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"}
+    assert not broken, f"rules not healthy: {broken}"
+    down = next(r for r in rules if r["name"] == "StreamkdDown")
+    assert down["state"] == "inactive", down  # the daemon is up
+
+    assert daemon.stop() == 0, daemon.tail()
