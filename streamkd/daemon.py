@@ -102,6 +102,13 @@ class Parts:
 
 def build(cfg: Config, registry: CollectorRegistry | None = None) -> Parts:
     """Load the teacher and student, open the stores. Raises on anything that should stop the start."""
+    if "onnx" in cfg.snapshot.formats:
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ValueError("snapshot.formats has onnx, which needs the export extra: "
+                             "pip install 'streamkd[export]'") from None
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     registry = registry or CollectorRegistry()
@@ -490,4 +497,15 @@ def _exporters(cfg: Config, model, parts: Parts) -> dict:
     from .export import snapshot_exporters
 
     c, h, w = cfg.student_channels, *cfg.student_input_size
-    return snapshot_exporters(model, (1, c, h, w), cfg.snapshot.formats)
+
+    def guarded(name: str, write):
+        def run(path: Path) -> None:
+            try:
+                write(path)
+            except Exception as e:  # noqa: BLE001 - a failed export must not cost the snapshot itself
+                log.error("export %s failed (%s: %s); publishing the snapshot without it", name, type(e).__name__, e)
+                path.unlink(missing_ok=True)
+        return run
+
+    return {name: guarded(name, write)
+            for name, write in snapshot_exporters(model, (1, c, h, w), cfg.snapshot.formats).items()}
