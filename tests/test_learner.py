@@ -1,0 +1,119 @@
+"""The online step: prequential scoring, the non-finite guard, precision and compile paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamkd.config import TrainConfig
+from streamkd.learner import S, InputSpec, Learner, Teacher, resolve_precision
+from streamkd.models import build_model
+
+SPEC = InputSpec((28, 28), 1, (0.5,), (0.5,))
+
+
+def learner(**kw) -> Learner:
+    torch.manual_seed(0)
+    model = build_model("streamkd:lenet5", 10, in_channels=1, input_size=(28, 28))
+    return Learner(model, SPEC, TrainConfig(**kw), torch.device("cpu"), kw.pop("amp", None))
+
+
+def batch(n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randn(n, 10, generator=g)
+
+
+def weights(lr: Learner) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in lr.student.state_dict().items()}
+
+
+def test_prequential_scores_use_weights_before_the_update():
+    lr = learner()
+    x, t = batch()
+    with torch.no_grad():
+        before = lr.student(SPEC(x)).argmax(1)
+    stats = lr.step(x, t, torch.full((16,), -1))
+    assert stats[S["agree"]].item() == (before == t.argmax(1)).sum().item()
+    assert stats[S["n"]].item() == 16 and stats[S["skipped"]].item() == 0
+
+
+def test_label_accuracy_counts_only_labelled_samples():
+    lr = learner()
+    x, t = batch()
+    y = torch.full((16,), -1)
+    y[:4] = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        pred = lr.student(SPEC(x)).argmax(1)
+    stats = lr.step(x, t, y)
+    assert stats[S["labelled"]].item() == 4
+    assert stats[S["correct"]].item() == (pred[:4] == y[:4]).sum().item()
+
+
+def test_nonfinite_teacher_rows_are_dropped_not_trained():
+    lr = learner()
+    x, t = batch()
+    t[3] = float("nan")
+    t[7, 2] = float("inf")
+    stats = lr.step(x, t, torch.full((16,), -1))
+    assert stats[S["n_finite"]].item() == 14 and stats[S["skipped"]].item() == 0
+    assert all(torch.isfinite(v).all() for v in lr.student.state_dict().values())
+
+
+def test_nonfinite_update_is_skipped_entirely():
+    lr = learner()
+    x, t = batch()
+    lr.step(x, t, torch.full((16,), -1))  # optimizer state exists now
+    before = weights(lr)
+    stats = lr.step(x, torch.full_like(t, float("nan")), torch.full((16,), -1))
+    assert stats[S["skipped"]].item() == 1
+    for k, v in weights(lr).items():
+        assert torch.equal(v, before[k]), k
+    # a NaN gradient (poisoned weights -> NaN loss) is skipped the same way
+    with torch.no_grad():
+        next(lr.student.parameters()).view(-1)[0] = float("nan")
+    poisoned = weights(lr)
+    stats = lr.step(x, t, torch.full((16,), -1))
+    assert stats[S["skipped"]].item() == 1
+    for k, v in weights(lr).items():
+        assert torch.equal(v.nan_to_num(7.0), poisoned[k].nan_to_num(7.0)), k
+
+
+def test_bf16_autocast_path_on_cpu():
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    torch.manual_seed(0)
+    model = build_model("streamkd:lenet5", 10, in_channels=1, input_size=(28, 28))
+    lr = Learner(model, SPEC, TrainConfig(), torch.device("cpu"), torch.bfloat16)
+    teacher = Teacher(build_model("streamkd:fmnist_cnn", 10, in_channels=1, input_size=(28, 28)), SPEC,
+                      torch.device("cpu"), torch.bfloat16, channels_last=True)
+    x, _ = batch()
+    t = teacher(x)
+    assert t.dtype == torch.float32 and t.shape == (16, 10)
+    stats = lr.step(x, t, torch.full((16,), -1))
+    assert stats[S["skipped"]].item() == 0 and torch.isfinite(stats).all()
+
+
+def test_folded_teacher_matches_the_plain_model():
+    torch.manual_seed(0)
+    model = build_model("streamkd:fmnist_cnn", 10, in_channels=1, input_size=(28, 28)).eval()
+    for m in model.modules():  # non-trivial BN statistics, so folding has something to get wrong
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x, _ = batch()
+    with torch.no_grad():
+        want = model(SPEC(x))
+    teacher = Teacher(model, SPEC, torch.device("cpu"), None, channels_last=True)
+    torch.testing.assert_close(teacher(x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_student_matches_eager():
+    pytest.importorskip("torch._inductor")
+    x, t = batch()
+    y = torch.full((16,), -1)
+    eager, compiled = learner(), learner(compile=True)
+    compiled.forward = torch.compile(compiled.student, backend="aot_eager")  # no C++ toolchain needed
+    for _ in range(2):
+        a, b = eager.step(x, t, y), compiled.step(x, t, y)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
