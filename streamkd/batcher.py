@@ -100,8 +100,14 @@ class Batcher:
             x = torch.empty((0, self.channels, *self.size), dtype=torch.uint8)
         if refs:
             assert self.gpu is not None
+            # The GPU decode is journaled like the CPU one: if nvJPEG takes the process down (or
+            # raises), these records are decoded one by one on the CPU after the restart.
+            if self.journal is not None:
+                self.journal.begin(chunk_ranges([rec for rec, _ in refs]))
             # CPU-decoded images first, then the JPEGs nvJPEG decodes, all on the decoder's side stream.
             x, failed, ready = self.gpu.decode([r for _, r in refs], x)
+            if self.journal is not None:
+                self.journal.end()
             for i in failed:
                 self.on_reject(refs[i][0], Rejected("corrupt", "nvJPEG could not decode the image"))
             bad = set(failed)
@@ -155,7 +161,9 @@ class Batcher:
                 j.passed(rec.partition, rec.offset)
                 continue
             j.begin([(rec.partition, rec.offset, rec.offset)])
-            out.append(prepare(rec, self.limits, self.size, self.channels, self.gpu is not None))
+            # On the CPU even when nvJPEG is on: a JPEG left for the GPU would be decoded in
+            # _emit, outside this record's journal entry (and nvJPEG may be what crashed).
+            out.append(prepare(rec, self.limits, self.size, self.channels, False))
             j.passed(rec.partition, rec.offset)
             j.end()
         return out

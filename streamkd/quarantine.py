@@ -68,6 +68,7 @@ class DecodeJournal:
         self.max_crashes = max_crashes
         self.ranges: list[_Range] = []  # suspect: one record each when a == b
         self._inflight: list[tuple[int, int, int]] = []
+        self._write_failed = False
         self._load()
         self._prune(resume_offsets or {})
         self._write()
@@ -159,10 +160,19 @@ class DecodeJournal:
         data = {"format": _FORMAT, "inflight": [list(r) for r in self._inflight],
                 "suspects": [[r.partition, r.first, r.last, r.crashes] for r in self.ranges]}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        # No fsync on purpose: this must survive a process crash, which the page cache
-        # does; a power loss merely loses crash attribution for one round.
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            # No fsync on purpose: this must survive a process crash, which the page cache
+            # does; a power loss merely loses crash attribution for one round.
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            # A full disk must not stop decoding (that would turn it into a crash loop);
+            # we only lose crash attribution until writes succeed again.
+            if not self._write_failed:
+                log.warning("decode journal %s not writable (%s); continuing without it", self.path, e)
+            self._write_failed = True
+        else:
+            self._write_failed = False
 
 
 def chunk_ranges(records) -> list[tuple[int, int, int]]:

@@ -427,6 +427,9 @@ class KafkaSource:
                                                "waiting for it to come back")
 
 
+_TOO_LARGE = ("MessageSizeTooLargeError", "RecordListTooLargeError", "RecordBatchTooLargeError")
+
+
 class DeadLetterError(RuntimeError):
     """Some dead letters are not acknowledged by the broker (yet); they stay queued for the next flush."""
 
@@ -471,7 +474,7 @@ class DeadLetters:
             headers.append(("streamkd-truncated", b"1"))
         headers += [("streamkd-error", reason.encode()),
                     ("streamkd-source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode())]
-        msg = dict(value=value, key=rec.key, headers=headers)
+        msg = {"value": value, "key": rec.key, "headers": headers}
         entry = [msg, self._try_send(msg)]
         with self._lock:
             # Drop what is already acknowledged, so a burst of big rejects between two
@@ -480,11 +483,30 @@ class DeadLetters:
             self._pending.append(entry)
 
     def _try_send(self, msg: dict):
+        from kafka.errors import MessageSizeTooLargeError
+
         try:
             return self._get().send(self.cfg.dlq_topic, **msg)
+        except MessageSizeTooLargeError as e:
+            # A huge key or headers: retrying the same bytes would block checkpoints forever.
+            if self._shrink(msg):
+                log.warning("dead letter too large for the producer (%s); sending only its streamkd- headers", e)
+                return self._try_send(msg)
+            log.warning("dead letter too large even without payload (%s); retried at the next flush", e)
+            return None
         except Exception as e:  # noqa: BLE001 - no broker, metadata timeout: flush() sends it again
             log.warning("dead-letter send failed (%s: %s); it stays queued and is retried", type(e).__name__, e)
             return None
+
+    @staticmethod
+    def _shrink(msg: dict) -> bool:
+        """Keep only our own headers: streamkd-source still names the original. False if already done."""
+        ours = [(k, v) for k, v in msg["headers"] if k.startswith("streamkd-") and k != "streamkd-truncated"]
+        shrunk = {"value": b"", "key": None, "headers": [*ours, ("streamkd-truncated", b"1")]}
+        if msg == shrunk:
+            return False
+        msg.update(shrunk)
+        return True
 
     @property
     def pending(self) -> int:
@@ -514,7 +536,9 @@ class DeadLetters:
                 if fut is not None and fut.is_done and fut.succeeded():
                     done.append(entry)
                 elif fut is None or (fut.is_done and fut.failed()):
-                    entry[1] = self._try_send(entry[0])  # failed or never sent: again, in order
+                    if fut is not None and type(fut.exception).__name__ in _TOO_LARGE:
+                        self._shrink(entry[0])  # the broker's limit is below the producer's
+                    entry[1] = self._try_send(entry[0])  # failed or never sent: again
             with self._lock:
                 self._pending = [e for e in self._pending if not any(e is d for d in done)]
                 left = len(self._pending)

@@ -18,8 +18,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -37,12 +35,13 @@ from streamkd.snapshot import SnapshotStore
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 # Small and fast: tiny npy records, frequent checkpoints, so a test sees many of them.
-FAST = dict(
-    train={"batch_size": 32, "device": "cpu"},
-    input={"max_wait_ms": 50},
-    checkpoint={"every_steps": 5, "every_seconds": 1, "keep": 3},
-    snapshot={"every_steps": 20, "every_seconds": 3, "keep": 3},
-)
+# STREAMKD_TEST_DEVICE=cuda runs the daemons on a GPU (the one-step-behind stats path).
+FAST = {
+    "train": {"batch_size": 32, "device": os.environ.get("STREAMKD_TEST_DEVICE", "cpu")},
+    "input": {"max_wait_ms": 50},
+    "checkpoint": {"every_steps": 5, "every_seconds": 1, "keep": 3},
+    "snapshot": {"every_steps": 20, "every_seconds": 3, "keep": 3},
+}
 
 
 # ------------------------------------------------------------------ helpers (shared with test_reliability_inputs)
@@ -296,10 +295,11 @@ def test_sigterm_during_slow_step_exits_cleanly_and_slow_steps_lose_nothing(brok
     grace = 20.0
     # Steps of 3 s against max_poll_interval_ms of 2 s: with subscribe() this consumer would be
     # thrown out of its group and lose its partitions; with assign() nothing happens.
-    config = write_config(tmp_path, broker.bootstrap, topic, port,
-                          kafka={"extra": {"max_poll_interval_ms": 2000}},
-                          **{**FAST, "train": {**FAST["train"], "shutdown_grace_s": grace}})
-    d = daemon_factory(config, port, env=hooks_env(tmp_path, STREAMKD_TEST_SLOW_STEP_S="3"))
+    # No periodic checkpoints in the slow run: only the shutdown's own checkpoint can hold the last step.
+    slow = write_config(tmp_path, broker.bootstrap, topic, port, kafka={"extra": {"max_poll_interval_ms": 2000}},
+                        **{**FAST, "train": {**FAST["train"], "shutdown_grace_s": grace},
+                           "checkpoint": {"every_steps": 1000, "every_seconds": 3600}})
+    d = daemon_factory(slow, port, env=hooks_env(tmp_path, STREAMKD_TEST_SLOW_STEP_S="3"))
     steps = d.wait_metric("streamkd_train_steps_total", 2, timeout=90)
     time.sleep(1.0)  # inside the next 3 s step
     t0 = time.monotonic()
@@ -316,6 +316,8 @@ def test_sigterm_during_slow_step_exits_cleanly_and_slow_steps_lose_nothing(brok
     at = {int(p): o for p, o in meta["offsets"][topic].items()}
     assert committed(broker.bootstrap, topic, f"g-{topic}") == {p: at.get(p) for p in range(3)}
 
+    config = write_config(tmp_path, broker.bootstrap, topic, port, kafka={"extra": {"max_poll_interval_ms": 2000}},
+                          **FAST)
     d = daemon_factory(config, port)  # no slow hook: finish the stream
     wait_committed(d, broker.bootstrap, topic, counts, timeout=90)
     assert d.stop() == 0, d.tail()

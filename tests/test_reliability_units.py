@@ -56,7 +56,7 @@ def test_journal_clean_run_leaves_nothing_suspect(tmp_path: Path) -> None:
 
 def test_journal_pinpoints_and_condemns_after_three_crashes(tmp_path: Path) -> None:
     j = DecodeJournal(tmp_path)
-    j.begin(chunk_ranges([rec(0, o) for o in range(0, 64)] + [rec(1, o) for o in range(5, 9)]))
+    j.begin(chunk_ranges([rec(0, o) for o in range(64)] + [rec(1, o) for o in range(5, 9)]))
     # crash #1 in bulk mode: the whole chunk becomes suspect, one crash each
     j = crash_restart(tmp_path)
     assert j.suspect(0, 0) and j.suspect(0, 63) and j.suspect(1, 8) and not j.suspect(1, 9)
@@ -342,3 +342,126 @@ def test_resume_positions_checked_against_a_real_broker(broker, topic) -> None:
     by_part = {p: sorted(r.offset for r in got if r.partition == p) for p in range(3)}
     assert by_part == {0: [], 1: list(range(200)), 2: list(range(190, 200))}
     assert errors == ["offset_reset"]
+
+
+def test_journal_write_failure_does_not_stop_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    j = DecodeJournal(tmp_path)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            j.begin([(0, 0, 9)])
+            j.end()
+    assert caplog.text.count("not writable") == 1  # said once, not per chunk
+
+
+def test_dead_letter_too_large_for_the_producer_is_sent_without_payload() -> None:
+    from kafka.errors import MessageSizeTooLargeError
+
+    class SizeLimited(FakeProducer):
+        def send(self, topic: str, **msg) -> Future:
+            if len(msg["value"] or b"") + len(msg["key"] or b"") > 1000:
+                raise MessageSizeTooLargeError("record too large")
+            return super().send(topic, **msg)
+
+    dlq = DeadLetters(KafkaConfig(dlq_topic="t.dlq"), max_value_bytes=500)
+    prod = SizeLimited()
+    prod.up = True
+    dlq._producer = prod
+    dlq.send(RawRecord("t", 1, 9, b"k" * 5000, b"v" * 800, []), "too_large")  # a hostile key
+    dlq.flush(timeout_s=5)
+    [msg] = prod.acked
+    assert msg["value"] == b"" and msg["key"] is None
+    assert dict(msg["headers"])["streamkd-source"] == b"t/1/9"
+    assert [k for k, _ in msg["headers"]].count("streamkd-truncated") == 1
+
+
+def test_consumer_failure_reconnects_where_it_left_off() -> None:
+    """Any client failure recreates the consumer, which resumes after the last queued record, not at the start."""
+    q = RecordQueue(100, 1 << 20)
+    errors: list[str] = []
+    src = KafkaSource(KafkaConfig(topic="t", reconnect_backoff_max_ms=10), q, {0: 0}, threading.Event(),
+                      on_error=errors.append)
+
+    class Flaky(FakeConsumer):
+        def poll(self, timeout_ms):
+            out = super().poll(timeout_ms)
+            if out:  # deliver 0..4 of [0, 10), then break down
+                self.hi = 10
+            return out
+
+        calls = 0
+
+        def highwater(self, tp):
+            self.calls += 1
+            if self.pos == 5 and self.calls > 1:  # after 0..4 are queued
+                raise RuntimeError("connection lost")
+            return super().highwater(tp)
+
+        def close(self, autocommit=False):
+            pass
+
+    first = Flaky(src, 0, 5, None)
+    second = FakeConsumer(src, 0, 10, None)
+    second.close = lambda autocommit=False: None
+    made = iter([first, second])
+    src._connect = lambda index: next(made)  # type: ignore[method-assign]
+    src._run(0)
+    assert [r.offset for r in q.get_many(100, 0)] == list(range(10))  # once each
+    assert errors == ["consumer"] and second.pos == 10
+
+
+def test_gpu_jpeg_decode_is_journaled_and_suspects_go_to_the_cpu(tmp_path: Path) -> None:
+    """nvJPEG decodes in the batcher's emit step; a crash there must be attributed too, and
+    after the restart those records are decoded on the CPU, one by one (no CUDA needed here)."""
+    from PIL import Image
+
+    def jpeg(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((28, 28), 10 * i, np.uint8)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    class Gpu:
+        def __init__(self, crash: bool) -> None:
+            self.crash, self.calls = crash, 0
+
+        def decode(self, refs, cpu_images):
+            self.calls += 1
+            if self.crash:
+                raise RuntimeError("nvJPEG: illegal memory access")
+            return torch.cat([cpu_images, torch.zeros((len(refs), 1, 28, 28), dtype=torch.uint8)]), [], None
+
+    recs = [rec(0, o, jpeg(o)) for o in range(4)]
+
+    def run(gpu: Gpu) -> tuple[list, BaseException | None]:
+        rq = RecordQueue(100, 1 << 30)
+        stop = threading.Event()
+        for r in recs:
+            rq.put(r, stop)
+        out: queue.Queue = queue.Queue()
+        b = Batcher(rq, out, batch_size=4, max_wait_s=0.05, limits=Limits(), size=(28, 28), channels=1, workers=1,
+                    stop=stop, on_reject=lambda r, why: None, journal=DecodeJournal(tmp_path), gpu=gpu)
+        b.start()
+        batches = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and b.error is None and sum(x.records for x in batches) < 4:
+            try:
+                batches.append(out.get(timeout=0.1))
+            except queue.Empty:
+                pass
+        stop.set()
+        b.thread.join(5)
+        return batches, b.error
+
+    batches, error = run(Gpu(crash=True))
+    assert isinstance(error, RuntimeError) and not batches
+    assert json.loads((tmp_path / JOURNAL_FILE).read_text())["inflight"] == [[0, 0, 3]]
+    gpu = Gpu(crash=False)
+    batches, error = run(gpu)  # the restart
+    assert error is None and gpu.calls == 0  # all four went the CPU way
+    assert sum(x.size for x in batches) == 4
+    assert (batches[0].images[1].int() - 10).abs().max() <= 2  # CPU-decoded pixels, not the fake GPU's zeros
