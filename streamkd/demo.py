@@ -43,7 +43,7 @@ def demo_config(bootstrap: str, topic: str, state: Path, args: argparse.Namespac
 
     overrides = [
         f"kafka.bootstrap_servers={bootstrap}", f"kafka.topic={topic}", f"kafka.dlq_topic={topic}.dlq",
-        f"kafka.group_id=streamkd-demo", f"checkpoint.dir={state / 'checkpoints'}",
+        "kafka.group_id=streamkd-demo", f"checkpoint.dir={state / 'checkpoints'}",
         f"snapshot.dir={state / 'snapshots'}", "snapshot.every_steps=200", "snapshot.every_seconds=30",
         f"metrics.port={args.port}", f"train.device={args.device}", f"train.batch_size={args.batch_size}",
         "logging.progress_every_s=30", *args.set,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from streamkd.decode import Decoded, Limits, Rejected, decode_record
+from streamkd.decode import Decoded, Limits, decode_record
 from streamkd.gpu_decode import GpuJpegDecoder, JpegRef, check_jpeg, jpeg_frame
 
 
