@@ -385,10 +385,15 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
 
             # 7. Progress, metrics, and the periodic checkpoint / snapshot.
             now = time.monotonic()
-            if now - rate_t >= 1.0:
+            prog.agreement, prog.label_accuracy = agree_w.ratio, label_w.ratio
+            if now - rate_t >= 1.0:  # gauges every second, so a 5 s scrape never reads stale values
                 prog.images_per_s = (prog.samples_seen - rate_samples) / (now - rate_t) if rate_samples else 0.0
                 rate_t, rate_samples = now, prog.samples_seen
-            prog.agreement, prog.label_accuracy = agree_w.ratio, label_w.ratio
+                _update_lag(prog, source, metrics)
+                if prog.agreement is not None:
+                    metrics.agreement.set(prog.agreement)
+                if prog.label_accuracy is not None:
+                    metrics.label_accuracy.set(prog.label_accuracy)
             if loss_n:
                 prog.kd_loss = loss_sum / loss_n
             if now - last_log_t >= cfg.logging.progress_every_s:
@@ -461,11 +466,17 @@ def _result(fut: Future, what: str) -> None:
         log.exception("%s write failed; the previous one stays the newest", what)
 
 
-def _log_progress(prog: Progress, source: KafkaSource, metrics: Metrics, rate: float) -> None:
+def _update_lag(prog: Progress, source: KafkaSource, metrics: Metrics) -> dict[int, int]:
+    """Records behind the fetch high watermark, per partition, counted from what is *trained*."""
     hw = source.highwater()
     lag = {p: max(0, hw[p] - prog.offsets.get(p, hw[p])) for p in hw}
     for p, v in lag.items():
         metrics.lag(p, v)
+    return lag
+
+
+def _log_progress(prog: Progress, source: KafkaSource, metrics: Metrics, rate: float) -> None:
+    lag = _update_lag(prog, source, metrics)
     agree = f"{prog.agreement:.3f}" if prog.agreement is not None else "-"
     log.info("step %d  samples %d  %.0f img/s  agreement %s  kd_loss %.4f  lag %d  rejected %d",
              prog.step, prog.samples_seen, rate, agree, prog.kd_loss, sum(lag.values()), prog.rejected,
