@@ -114,6 +114,34 @@ def measure_compute(parts, batch: int, steps: int) -> tuple[float, float]:
     return teacher_only, batch * steps / (time.perf_counter() - t)
 
 
+def measure_nvjpeg(records, batch: int, parts, rounds: int = 20) -> dict:
+    """nvJPEG batch decode alone, and whether it lets Python run meanwhile (GIL probe), on CUDA only."""
+    from streamkd.decode import Limits
+    from streamkd.gpu_decode import GpuJpegDecoder, check_jpeg
+
+    refs = [check_jpeg(v, h, Limits()) for v, h in records[:batch]]
+    dec = GpuJpegDecoder(parts.device, parts.cfg.teacher.input_size, parts.cfg.teacher.channels)
+    for _ in range(3):
+        dec.decode(refs)[2].synchronize()
+    t = time.perf_counter()
+    for _ in range(rounds):
+        dec.decode(refs)[2].synchronize()
+    decode_rate = batch * rounds / (time.perf_counter() - t)
+
+    def spin(seconds: float) -> int:  # pure-Python work: how much of it runs per second
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+    alone = spin(1.0)
+    worker = threading.Thread(target=lambda: [dec.decode(refs)[2].synchronize() for _ in range(rounds * 3)])
+    worker.start()
+    beside = spin(1.0)
+    worker.join()
+    return {"nvjpeg_decode_img_s": round(decode_rate, 1), "python_share_during_decode": round(beside / alone, 3)}
+
+
 def measure_naive(cfg, bootstrap: str, topic: str, batch: int, n: int, device: torch.device) -> float:
     """The hand-written loop: poll, PIL-decode each record, fp32 teacher, fp32 student step, .item() each step."""
     from kafka import KafkaConsumer
@@ -216,6 +244,9 @@ def main() -> None:
         log(f"device {dev}; measuring compute-only")
         teacher_only, compute_only = measure_compute(parts, p["batch"], p["compute_steps"])
         log(f"teacher-only {teacher_only:.0f} img/s, compute-only {compute_only:.0f} img/s; measuring naive loop")
+        nvjpeg = measure_nvjpeg(records, p["batch"], parts) if dev.type == "cuda" and p["fmt"] == "jpeg" else {}
+        if nvjpeg:
+            log(f"nvJPEG {nvjpeg}")
         naive = measure_naive(cfg, broker.bootstrap, "naive", p["batch"], p["naive_records"], dev)
         log(f"naive {naive:.0f} img/s; measuring end to end ({n} records)")
         if dev.type == "cuda":
@@ -240,6 +271,7 @@ def main() -> None:
         "produce_records_per_s": round(n / produce_s, 1),
         "torch": torch.__version__,
     }
+    result.update(nvjpeg)
     if dev.type == "cuda":
         result["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     print(json.dumps(result))
