@@ -148,7 +148,7 @@ class Learner:
             self.optimizer.step()
         self.scheduler.step()
         return torch.stack([
-            torch.tensor(float(finite.numel()), device=self.device), n_finite.float(),
+            torch.full((), float(finite.numel()), device=self.device), n_finite.float(),  # a fill, not a copy
             loss.detach().float(), out.kd.detach().float() * scale, out.ce.detach().float(), agree.float(),
             has_label.sum().float(), correct.float(), bad,
         ])

@@ -7,6 +7,8 @@ before resizing when that shrinks the work (3->1) and after it when it grows it
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 
 import torch
@@ -24,8 +26,7 @@ def to_model_input(images: torch.Tensor, size: tuple[int, int], channels: int,
     _check_channels(channels)
     if any(float(s) == 0.0 for s in std):  # checked on the host: no device sync
         raise ValueError(f"std must be non-zero, got {list(std)}")
-    mean_t = _per_channel(mean, "mean", channels, images.device)
-    std_t = _per_channel(std, "std", channels, images.device)
+    scale, bias = _affine(tuple(map(float, mean)), tuple(map(float, std)), channels, images.device)
 
     x = images.float()
     if x.shape[1] == 3 and channels == 1:
@@ -34,9 +35,19 @@ def to_model_input(images: torch.Tensor, size: tuple[int, int], channels: int,
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     # One fused pass: x * 1/(255 std) - mean/std. A 1-channel x broadcasts against
     # 3-channel mean/std, which is the 1->3 repeat without materializing it first.
+    return torch.addcmul(bias, x, scale)
+
+
+@functools.lru_cache(maxsize=32)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], channels: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias), each 1×channels×1×1 float32 on ``device``, built once per setting: a fresh
+    host->device copy of two tiny tensors on every batch can stall the CUDA stream."""
+    mean_t = _per_channel(mean, "mean", channels, torch.device("cpu"))
+    std_t = _per_channel(std, "std", channels, torch.device("cpu"))
     scale = (1.0 / (255.0 * std_t)).view(1, channels, 1, 1)
     bias = (-mean_t / std_t).view(1, channels, 1, 1)
-    return torch.addcmul(bias, x, scale)
+    return scale.to(device), bias.to(device)
 
 
 def resize_uint8(image: torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:
@@ -67,8 +78,12 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int], channels: int) -> t
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """float N×3×H×W RGB -> float N×1×H×W BT.601 luma, same scale."""
-    weights = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True)
+    return (x * _luma_weights(x.dtype, x.device)).sum(dim=1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _luma_weights(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(LUMA, dtype=dtype, device=device).view(1, 3, 1, 1)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
