@@ -93,9 +93,11 @@ class Batcher:
               refs: list[tuple[RawRecord, JpegRef]] | None = None) -> bool:
         ready = None
         if images:
-            x = torch.cat(images) if len(images) > 1 else images[0]
-            if self.pin_memory:
-                x = x.pin_memory()  # lets the loop's host->device copy run asynchronously
+            if self.pin_memory:  # collate straight into pinned memory: the host->device copy is then async
+                n = sum(int(t.shape[0]) for t in images)
+                x = torch.cat(images, out=torch.empty((n, *images[0].shape[1:]), dtype=torch.uint8, pin_memory=True))
+            else:
+                x = torch.cat(images) if len(images) > 1 else images[0]
         else:  # only rejected records: an empty batch still moves the offsets forward
             x = torch.empty((0, self.channels, *self.size), dtype=torch.uint8)
         if refs:
