@@ -394,6 +394,8 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                     metrics.agreement.set(prog.agreement)
                 if prog.label_accuracy is not None:
                     metrics.label_accuracy.set(prog.label_accuracy)
+                if loss_n:
+                    metrics.kd_loss.set(loss_sum / loss_n)  # mean since the last progress line
             if loss_n:
                 prog.kd_loss = loss_sum / loss_n
             if now - last_log_t >= cfg.logging.progress_every_s:
