@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Callable
 
 from . import __version__
 from .config import ConfigError, load_config
@@ -73,9 +74,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def install_stop_handlers(stop: threading.Event, grace_s: float) -> None:
+def install_stop_handlers(stop: threading.Event, grace_s: float) -> Callable[[], None]:
     """SIGTERM/SIGINT: finish the batch in flight, checkpoint, exit. A second signal or the grace period
-    running out exits at once (the newest durable checkpoint is intact either way)."""
+    running out exits at once (the newest durable checkpoint is intact either way).
+
+    Returns a function that disarms the grace-period watchdog once the loop has stopped cleanly.
+    """
+    timers: list[threading.Timer] = []
+
+    def disarm() -> None:
+        for t in timers:
+            t.cancel()
 
     def handler(signum, _frame):
         if stop.is_set():
@@ -93,9 +102,11 @@ def install_stop_handlers(stop: threading.Event, grace_s: float) -> None:
         t = threading.Timer(grace_s, watchdog)
         t.daemon = True
         t.start()
+        timers.append(t)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    return disarm
 
 
 def main(argv: list[str] | None = None) -> int:

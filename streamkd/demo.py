@@ -94,7 +94,7 @@ def _main(args: argparse.Namespace) -> int:
 
         producer_thread = threading.Thread(target=stream, name="demo-producer", daemon=True)
         stop = threading.Event()
-        install_stop_handlers(stop, cfg.train.shutdown_grace_s)
+        disarm = install_stop_handlers(stop, cfg.train.shutdown_grace_s)
         bar = _Bar(total, enabled=not args.no_progress)
         done = threading.Event()
         t0 = time.monotonic()
@@ -125,8 +125,10 @@ def _main(args: argparse.Namespace) -> int:
                   f"{broker.bootstrap} (topic {topic}). Ctrl-C to stop.")
             while runner.is_alive():
                 runner.join(0.5)
+            disarm()
             return 0
         runner.join()
+        disarm()  # the loop stopped cleanly: the evaluation below is not shutdown work
         bar.close()
         if producer_error:
             raise RuntimeError(f"the demo producer failed: {producer_error[0]}")
