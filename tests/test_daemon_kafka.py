@@ -9,6 +9,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from conftest import fmnist_pngs, free_port, produce_values, write_config
+from streamkd.fsutil import sha256_file
+from streamkd.pull import pull_once
 from streamkd.snapshot import SnapshotStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -58,6 +60,13 @@ def test_daemon_trains_publishes_and_resumes_exactly_once(broker, topic, tmp_pat
     d2.wait_metric("streamkd_samples_trained_total", 300, timeout=180)
     m_live = d2.latest_manifest()
     assert m_live["version"] >= 1
+    # The serving side pulls from the running daemon: a verified, complete copy of a published version.
+    pulled = pull_once(f"http://127.0.0.1:{port}", tmp_path / "pulled")
+    assert pulled is not None and pulled >= m_live["version"]
+    pm = json.loads((tmp_path / "pulled" / str(pulled) / "manifest.json").read_text())
+    for name, digest in pm["files"].items():
+        assert sha256_file(tmp_path / "pulled" / str(pulled) / name) == digest
+    assert (tmp_path / "pulled" / "LATEST").read_text().strip() == str(pulled)
     assert d2.stop() == 0, d2.tail()
     m2 = SnapshotStore(tmp_path / "snap").latest()
     total = {p: counts[p] + extra[p] for p in counts}
