@@ -60,8 +60,7 @@ def main() -> None:
         overrides = [f"kafka.bootstrap_servers={broker.bootstrap}", f"kafka.topic={topic}",
                      f"checkpoint.dir={state}/ckpt", f"snapshot.dir={state}/snap", "metrics.port=0",
                      f"train.device={args.device}", "train.agreement_window=1000000000",
-                     "logging.progress_every_s=30", "batch_size_placeholder", *args.set]
-        overrides = [o for o in overrides if o != "batch_size_placeholder"]
+                     "logging.progress_every_s=30", *args.set]
         cfg = load_config(None, overrides, env={})
         parts = daemon.build(cfg)
         stop = threading.Event()
