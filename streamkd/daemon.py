@@ -54,7 +54,6 @@ class Progress:
     kd_loss: float = float("nan")
     agreement: float | None = None
     label_accuracy: float | None = None
-    images_per_s: float = 0.0
     consecutive_skips: int = 0
     skipped_updates: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -214,7 +213,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
     last_ckpt_step, last_ckpt_t = prog.step, time.monotonic()
     last_snap_step, last_snap_t = prog.step, time.monotonic()
     last_log_t, last_log_samples = time.monotonic(), prog.samples_seen
-    rate_t, rate_samples = time.monotonic(), 0
+    gauges_t = time.monotonic()
     latest = parts.snapshots.latest()
     if latest:  # restore the gauges (not the counter: nothing was published by this process yet)
         metrics.last_snapshot_version.set(latest["version"])
@@ -386,21 +385,14 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
             # 7. Progress, metrics, and the periodic checkpoint / snapshot.
             now = time.monotonic()
             prog.agreement, prog.label_accuracy = agree_w.ratio, label_w.ratio
-            if now - rate_t >= 1.0:  # gauges every second, so a 5 s scrape never reads stale values
-                prog.images_per_s = (prog.samples_seen - rate_samples) / (now - rate_t) if rate_samples else 0.0
-                rate_t, rate_samples = now, prog.samples_seen
-                _update_lag(prog, source, metrics)
-                if prog.agreement is not None:
-                    metrics.agreement.set(prog.agreement)
-                if prog.label_accuracy is not None:
-                    metrics.label_accuracy.set(prog.label_accuracy)
-                if loss_n:
-                    metrics.kd_loss.set(loss_sum / loss_n)  # mean since the last progress line
             if loss_n:
-                prog.kd_loss = loss_sum / loss_n
+                prog.kd_loss = loss_sum / loss_n  # mean since the last progress line
+            if now - gauges_t >= 1.0:  # gauges every second, so a 5 s scrape never reads stale values
+                gauges_t = now
+                _update_lag(prog, source, metrics)
+                metrics.progress(prog.kd_loss, prog.agreement, prog.label_accuracy)
             if now - last_log_t >= cfg.logging.progress_every_s:
                 _log_progress(prog, source, metrics, (prog.samples_seen - last_log_samples) / (now - last_log_t))
-                metrics.progress(prog.kd_loss, prog.agreement, prog.label_accuracy)
                 loss_sum = loss_n = 0.0
                 last_log_t, last_log_samples = now, prog.samples_seen
             if on_progress is not None:

@@ -112,6 +112,17 @@ def decode_record(value: bytes | None, headers: Sequence[tuple[str, bytes]] | No
         return Rejected("corrupt", _describe(e))
 
 
+def parse_headers(headers: Sequence[tuple[str, bytes]] | None) -> int | Rejected | None:
+    """The record's label (None when it has none), or a Rejected for a bad label / content-type.
+
+    For paths that check a record without decoding it (the nvJPEG path in gpu_decode.py).
+    """
+    try:
+        return _parse_headers(headers)
+    except _Reject as r:
+        return Rejected(r.reason, r.detail)
+
+
 def _parse_headers(headers: Sequence[tuple[str, bytes]] | None) -> int | None:
     """Validate `content-type` and parse `label`. Names are case-insensitive; the
     last duplicate wins; a header with a null value counts as absent."""

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .decode import Limits, Rejected, _parse_headers, _Reject
+from .decode import Limits, Rejected, parse_headers
 
 # Start-of-frame markers nvJPEG decodes: baseline, extended sequential, progressive (Huffman coding).
 _SOF_GPU = {0xC0, 0xC1, 0xC2}
@@ -78,10 +78,9 @@ def check_jpeg(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
         return Rejected("too_many_pixels", f"{w}x{h} = {w * h} px > max_pixels {limits.max_pixels}")
     if marker not in _SOF_GPU or comps not in (1, 3):
         return None
-    try:
-        label = _parse_headers(headers)
-    except _Reject as r:
-        return Rejected(r.reason, r.detail)
+    label = parse_headers(headers)
+    if isinstance(label, Rejected):
+        return label
     return JpegRef(bytes(value), label, h, w)
 
 
