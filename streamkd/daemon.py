@@ -209,7 +209,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
     pending_snap: Future | None = None
     agree_w, label_w = Window(cfg.train.agreement_window), Window(cfg.train.agreement_window)
     loss_sum = loss_n = 0.0
-    lagged: tuple[torch.Tensor, torch.cuda.Event | None, Batch] | None = None
+    lagged: tuple[torch.Tensor, torch.cuda.Event] | None = None  # CUDA: last step's stats, in flight to the host
     last_ckpt_step, last_ckpt_t = prog.step, time.monotonic()
     last_snap_step, last_snap_t = prog.step, time.monotonic()
     last_log_t, last_log_samples = time.monotonic(), prog.samples_seen
@@ -219,7 +219,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
         metrics.last_snapshot_version.set(latest["version"])
         metrics.last_snapshot_ts.set(_rfc3339_to_unix(latest.get("created_at")))
 
-    def absorb(stats: torch.Tensor, batch: Batch) -> None:
+    def absorb(stats: torch.Tensor) -> None:
         """Fold one finished step's stats (host) into the lineage totals."""
         nonlocal loss_sum, loss_n
         v = stats.tolist()
@@ -244,10 +244,9 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
     def drain_lagged() -> None:
         nonlocal lagged
         if lagged is not None:
-            stats, event, batch = lagged
-            if event is not None:
-                event.synchronize()
-            absorb(stats, batch)
+            stats, event = lagged
+            event.synchronize()
+            absorb(stats)
             lagged = None
 
     def lineage_state() -> TrainState:
@@ -371,9 +370,9 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                     host = stats.to("cpu", non_blocking=True)
                     ev = torch.cuda.Event()
                     ev.record()
-                    lagged = (host, ev, batch)
+                    lagged = (host, ev)
                 else:
-                    absorb(stats, batch)
+                    absorb(stats)
                 if prog.consecutive_skips >= cfg.train.max_consecutive_skips:
                     drain_lagged()
                     rollback(f"{prog.consecutive_skips} consecutive non-finite updates")
