@@ -37,7 +37,8 @@ from .quarantine import DecodeJournal
 from .models import TEACHER_SPEC, build_model, file_sha256, num_classes_of, shipped_teacher_weights
 from .server import HttpServer
 from .snapshot import NonFiniteWeights, SnapshotStore
-from .source import DeadLetters, KafkaSource, RawRecord, RecordQueue
+from .dlq import DeadLetters
+from .source import KafkaSource, RawRecord, RecordQueue
 
 log = logging.getLogger(__name__)
 

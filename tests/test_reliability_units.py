@@ -26,7 +26,8 @@ from streamkd.config import KafkaConfig
 from streamkd.decode import Limits
 from streamkd.quarantine import JOURNAL_FILE, DecodeJournal, chunk_ranges
 from streamkd.snapshot import SnapshotStore
-from streamkd.source import DeadLetterError, DeadLetters, KafkaSource, RawRecord, RecordQueue
+from streamkd.dlq import DeadLetterError, DeadLetters
+from streamkd.source import KafkaSource, RawRecord, RecordQueue
 
 
 def npy(value: int = 7) -> bytes:
