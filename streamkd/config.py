@@ -83,6 +83,9 @@ class TeacherConfig:
     mean: tuple[float, ...] = (0.2860,)
     std: tuple[float, ...] = (0.3530,)
     num_classes: Optional[int] = None  # None: read from the model's output
+    # auto: bf16 where the hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX),
+    # fp16 on CUDA GPUs without bf16, fp32 elsewhere. The teacher only infers, so no loss scaling is needed.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 5.0  # max global grad norm; 0 disables
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the student's; auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # only applied on CUDA
     compile: bool = False
     prefetch_batches: int = 4

@@ -31,7 +31,7 @@ from .batcher import Batch, Batcher
 from .checkpoint import CheckpointStore, TrainState, is_finite_state
 from .config import Config
 from .decode import Limits, Rejected
-from .learner import S, InputSpec, Learner, Teacher, resolve_device, resolve_precision
+from .learner import S, InputSpec, Learner, Teacher, precision_name, resolve_device, resolve_precision
 from .metrics import Metrics
 from .quarantine import DecodeJournal
 from .models import TEACHER_SPEC, build_model, file_sha256, num_classes_of, shipped_teacher_weights
@@ -114,6 +114,7 @@ def build(cfg: Config, registry: CollectorRegistry | None = None) -> Parts:
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry, device=str(device))
     amp = resolve_precision(cfg.train.precision, device)
+    teacher_amp = resolve_precision(cfg.teacher.precision, device, inference=True)
     t = cfg.teacher
     weights = t.weights or (str(shipped_teacher_weights()) if t.model == TEACHER_SPEC else None)
     teacher_model = build_model(t.model, t.num_classes, in_channels=t.channels, input_size=t.input_size,
@@ -122,7 +123,7 @@ def build(cfg: Config, registry: CollectorRegistry | None = None) -> Parts:
     sha = file_sha256(weights) if weights and Path(weights).is_file() else (
         file_sha256(t.model) if Path(t.model).is_file() else None)
     teacher_info = {"model": t.model, "weights": str(weights) if weights else None, "sha256": sha,
-                    "num_classes": num_classes}
+                    "num_classes": num_classes, "precision": precision_name(teacher_amp)}
     s = cfg.student
     student_classes = s.num_classes or num_classes
     if student_classes != num_classes:
@@ -131,15 +132,15 @@ def build(cfg: Config, registry: CollectorRegistry | None = None) -> Parts:
                                 input_size=cfg.student_input_size, weights=s.init)
     t_spec = InputSpec(t.input_size, t.channels, t.mean, t.std)
     s_spec = InputSpec(cfg.student_input_size, cfg.student_channels, cfg.student_mean, cfg.student_std)
-    teacher = Teacher(teacher_model, t_spec, device, amp, cfg.train.channels_last, cfg.train.compile)
+    teacher = Teacher(teacher_model, t_spec, device, teacher_amp, cfg.train.channels_last, cfg.train.compile)
     learner = Learner(student_model, s_spec, cfg.train, device, amp, cfg.train.channels_last, cfg.train.compile)
     checkpoints = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                                   on_fallback=lambda p, why: _fallback(metrics, "checkpoint", p, why))
     snapshots = SnapshotStore(cfg.snapshot.dir, keep=cfg.snapshot.keep,
                               on_fallback=lambda v, why: _fallback(metrics, "snapshot", v, why))
-    log.info("teacher %s (%d classes, %s), student %s on %s, precision %s", t.model, num_classes,
-             f"weights sha256 {sha[:12]}" if sha else "random init", s.model, device,
-             {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp])
+    log.info("teacher %s (%d classes, %s, %s), student %s (%s) on %s", t.model, num_classes,
+             f"weights sha256 {sha[:12]}" if sha else "random init", precision_name(teacher_amp), s.model,
+             precision_name(amp), device)
     return Parts(cfg, device, teacher, learner, teacher_info, num_classes, checkpoints, snapshots, metrics, registry)
 
 

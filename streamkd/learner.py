@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .accel import optimize_for_inference
+from .accel import native_bf16, optimize_for_inference
 from .loss import kd_loss
 from .preprocess import to_model_input
 
@@ -39,11 +39,23 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for the forward passes; None for fp32. ``auto``: bf16 on CUDA, fp32 on CPU."""
+def resolve_precision(precision: str, device: torch.device, *, inference: bool = False) -> torch.dtype | None:
+    """Autocast dtype for a forward pass; None for fp32.
+
+    ``auto`` for training (the student): bf16 on CUDA, fp32 on CPU. ``auto`` for inference
+    (the teacher): bf16 wherever the hardware has native bf16 math (see ``accel.native_bf16``),
+    fp16 on CUDA GPUs without it, fp32 elsewhere.
+    """
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        if inference:
+            precision = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
+        else:
+            precision = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

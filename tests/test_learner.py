@@ -93,6 +93,39 @@ def test_bf16_autocast_path_on_cpu():
     assert stats[S["skipped"]].item() == 0 and torch.isfinite(stats).all()
 
 
+def test_teacher_auto_precision_follows_native_bf16(monkeypatch):
+    import streamkd.learner as learner_mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(learner_mod, "native_bf16", lambda device: True)
+    assert resolve_precision("auto", cpu, inference=True) is torch.bfloat16
+    assert resolve_precision("auto", cpu) is None  # the student trains in fp32 on a CPU either way
+    monkeypatch.setattr(learner_mod, "native_bf16", lambda device: False)
+    assert resolve_precision("auto", cpu, inference=True) is None
+    assert resolve_precision("auto", torch.device("cuda"), inference=True) is torch.float16  # pre-Ampere GPU
+    assert resolve_precision("fp32", cpu, inference=True) is None  # explicit choices win
+
+
+def test_bf16_teacher_agrees_with_fp32_on_real_images():
+    """The shipped teacher in bf16 (what ``auto`` picks on CPUs with AVX512-BF16) gives the same labels."""
+    from streamkd.datasets import load_fashion_mnist
+    from streamkd.models import shipped_teacher_weights
+
+    images, labels = load_fashion_mnist("test")
+    x, y = torch.as_tensor(images[:2000]), torch.as_tensor(labels[:2000])
+    spec = InputSpec((28, 28), 1, (0.2860,), (0.3530,))
+    out = {}
+    for amp in (None, torch.bfloat16):
+        model = build_model("streamkd:fmnist_cnn", 10, in_channels=1, input_size=(28, 28),
+                            weights=str(shipped_teacher_weights()))
+        out[amp] = Teacher(model, spec, torch.device("cpu"), amp, channels_last=True)(x)
+    full, half = out[None], out[torch.bfloat16]
+    assert (full.argmax(1) == half.argmax(1)).float().mean() >= 0.995
+    assert abs((full.argmax(1) == y).float().mean() - (half.argmax(1) == y).float().mean()) <= 0.003
+    p, q = (full / 4).softmax(1), (half / 4).softmax(1)  # the soft targets at the default T
+    assert (p * (p.log() - q.log())).sum(1).mean() < 1e-4
+
+
 def test_folded_teacher_matches_the_plain_model():
     torch.manual_seed(0)
     model = build_model("streamkd:fmnist_cnn", 10, in_channels=1, input_size=(28, 28)).eval()
