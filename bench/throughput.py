@@ -3,7 +3,8 @@
 In ONE run, on the same device and settings, it measures:
 
 * ``teacher_only_img_s``: the teacher forward alone (as the daemon runs it: folded BN,
-  channels_last, bf16 autocast on CUDA), on uint8 batches already on the device;
+  channels_last, ``teacher.precision``), on uint8 batches already on the device;
+* ``student_step_img_s``: the student's training step alone (precomputed teacher logits);
 * ``compute_only_img_s``: teacher forward + student step (the daemon's ``Teacher`` and
   ``Learner`` objects) on batches already on the device -- the ceiling for (c);
 * ``naive_img_s``: the seed's loop as a user writes it: a kafka-python consumer,
@@ -93,8 +94,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_compute(parts, batch: int, steps: int) -> tuple[float, float]:
-    """(teacher_only, teacher + student step) images/s on device-resident uint8 batches."""
+def measure_compute(parts, batch: int, steps: int) -> tuple[float, float, float]:
+    """(teacher only, student step only, teacher + student step) images/s on device-resident uint8 batches."""
     dev = parts.device
     c, (h, w) = parts.cfg.teacher.channels, parts.cfg.teacher.input_size
     x = torch.randint(0, 256, (batch, c, h, w), dtype=torch.uint8, device=dev)
@@ -107,11 +108,17 @@ def measure_compute(parts, batch: int, steps: int) -> tuple[float, float]:
         parts.teacher(x)
     sync(dev)
     teacher_only = batch * steps / (time.perf_counter() - t)
+    logits = parts.teacher(x)
+    t = time.perf_counter()
+    for _ in range(steps):
+        parts.learner.step(x, logits, y)
+    sync(dev)
+    student_only = batch * steps / (time.perf_counter() - t)
     t = time.perf_counter()
     for _ in range(steps):
         parts.learner.step(x, parts.teacher(x), y)
     sync(dev)
-    return teacher_only, batch * steps / (time.perf_counter() - t)
+    return teacher_only, student_only, batch * steps / (time.perf_counter() - t)
 
 
 def measure_nvjpeg(records, batch: int, parts, rounds: int = 20) -> dict:
@@ -243,8 +250,9 @@ def main() -> None:
         parts = daemon.build(cfg)
         dev = parts.device
         log(f"device {dev}; measuring compute-only")
-        teacher_only, compute_only = measure_compute(parts, p["batch"], p["compute_steps"])
-        log(f"teacher-only {teacher_only:.0f} img/s, compute-only {compute_only:.0f} img/s; measuring naive loop")
+        teacher_only, student_only, compute_only = measure_compute(parts, p["batch"], p["compute_steps"])
+        log(f"teacher-only {teacher_only:.0f} img/s, student-step-only {student_only:.0f} img/s, "
+            f"compute-only {compute_only:.0f} img/s; measuring naive loop")
         nvjpeg = measure_nvjpeg(records, p["batch"], parts) if dev.type == "cuda" and p["fmt"] == "jpeg" else {}
         if nvjpeg:
             log(f"nvJPEG {nvjpeg}")
@@ -260,6 +268,7 @@ def main() -> None:
         "e2e_img_s": round(e2e, 1),
         "compute_only_img_s": round(compute_only, 1),
         "teacher_only_img_s": round(teacher_only, 1),
+        "student_step_img_s": round(student_only, 1),
         "naive_img_s": round(naive, 1),
         "ratio_vs_compute": round(e2e / compute_only, 3),
         "ratio_vs_teacher_only": round(e2e / teacher_only, 3),
@@ -270,6 +279,7 @@ def main() -> None:
         "record_kb": round(avg_kb, 2),
         "batch_size": p["batch"],
         "produce_records_per_s": round(n / produce_s, 1),
+        "teacher_precision": parts.teacher_info["precision"],
         "torch": torch.__version__,
     }
     result.update(nvjpeg)
