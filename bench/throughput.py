@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 PRESETS = {
-    "cpu": dict(records=12_000, batch=64, fmt="png", warmup=2_000, naive_records=4_000, compute_steps=60,
+    "cpu": dict(records=30_000, batch=64, fmt="png", warmup=3_000, naive_records=6_000, compute_steps=150,
                 overrides=[]),
     "gpu": dict(records=300_000, batch=256, fmt="jpeg", warmup=40_000, naive_records=40_000, compute_steps=200,
                 overrides=["teacher.model=torchvision:resnet50", "teacher.input_size=224", "teacher.channels=3",
