@@ -35,7 +35,7 @@ import torch
 PRESETS = {
     "cpu": dict(records=30_000, batch=64, fmt="png", warmup=3_000, naive_records=6_000, compute_steps=150,
                 overrides=[]),
-    "gpu": dict(records=300_000, batch=256, fmt="jpeg", warmup=40_000, naive_records=40_000, compute_steps=200,
+    "gpu": dict(records=200_000, batch=256, fmt="jpeg", warmup=30_000, naive_records=20_000, compute_steps=200,
                 overrides=["teacher.model=torchvision:resnet50", "teacher.input_size=224", "teacher.channels=3",
                            "teacher.mean=[0.485, 0.456, 0.406]", "teacher.std=[0.229, 0.224, 0.225]",
                            "teacher.num_classes=1000", "student.model=torchvision:mobilenet_v3_small",
@@ -218,6 +218,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--records", type=int, help="records for the end-to-end run")
+    ap.add_argument("--naive-records", type=int, help="records for the hand-written loop (fewer: a quicker run)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for the daemon")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script itself (numbers meaningless)")
@@ -226,6 +227,8 @@ def main() -> None:
     if args.smoke:
         p.update(records=600, batch=16, warmup=100, naive_records=64, compute_steps=2)
     n = args.records or p["records"]
+    if args.naive_records:
+        p["naive_records"] = args.naive_records
     p["warmup"] = min(p["warmup"], n // 4)  # the timed stretch must be most of a short run
 
     from streamkd import daemon
