@@ -113,7 +113,7 @@ class TrainConfig:
     grad_clip: float = 5.0  # max global grad norm; 0 disables
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the student's; auto: bf16 on CUDA, fp32 on CPU
-    channels_last: bool = True  # only applied on CUDA
+    channels_last: bool = True  # teacher and student memory format (oneDNN on CPU, tensor cores on CUDA)
     compile: bool = False
     prefetch_batches: int = 4
     max_consecutive_skips: int = 10  # then roll back to the last good checkpoint

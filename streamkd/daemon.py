@@ -297,7 +297,8 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
         if pending_snap is not None:
             _result(pending_snap, "snapshot")
         weights, _ = learner.state()
-        model_copy = copy.deepcopy(learner.student).cpu().eval() if cfg.snapshot.formats else None
+        model_copy = (copy.deepcopy(learner.student).cpu().eval().to(memory_format=torch.contiguous_format)
+                      if cfg.snapshot.formats else None)
         manifest = _manifest(cfg, parts, prog)
         last_snap_step, last_snap_t = prog.step, time.monotonic()
         pending_snap = writer.submit(publish, weights, manifest, model_copy)

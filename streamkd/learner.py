@@ -108,7 +108,9 @@ class Learner:
         self.cfg, self.spec, self.device = cfg, spec, device
         # fp16 needs loss scaling for training; we keep the student in fp32 then (the teacher still runs fp16).
         self.amp = amp if amp is not torch.float16 else None
-        self.channels_last = channels_last and device.type == "cuda"
+        # channels_last pays for the student too: on the 2-core CPU the LeNet step went from 6.6-7.4 ms to
+        # 5.2 ms (batch 64; NCHW max-pooling alone is 2x slower); on CUDA it is what tensor cores want.
+        self.channels_last = channels_last
         self.student = student.to(device).train()
         if self.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
