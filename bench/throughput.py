@@ -11,6 +11,9 @@ In ONE run, on the same device and settings, it measures:
   per-record PIL decode, fp32 teacher and student, synchronous (``loss.item()`` every step);
 * ``e2e_img_s``: the real daemon loop (``streamkd.daemon.run``) from the broker:
   consumer thread(s) -> decode pool -> prefetch queue -> device.
+  ``loop_*_ms`` say where the loop thread spent each batch's time after warm-up (waiting for
+  data, in the teacher, in the student step, the rest): the first place to look when e2e falls
+  short of compute-only.
 
 Presets: ``cpu`` (default): the shipped Fashion-MNIST teacher -> ``lenet5``, 28 px PNG
 records; ``gpu``: ``torchvision:resnet50`` (random weights) at 224 px -> ``torchvision:
@@ -195,23 +198,45 @@ def measure_naive(cfg, bootstrap: str, topic: str, batch: int, n: int, device: t
     return seen / (time.perf_counter() - t0)
 
 
-def measure_e2e(parts, n: int, warmup: int) -> tuple[float, object]:
+LOOP_PARTS = {"wait": "streamkd_batch_wait_seconds", "teacher": "streamkd_teacher_inference_seconds",
+              "student": "streamkd_train_step_seconds"}
+
+
+def loop_sums(registry) -> dict[str, float]:
+    out = {k: registry.get_sample_value(f"{name}_sum") or 0.0 for k, name in LOOP_PARTS.items()}
+    out["batches"] = registry.get_sample_value("streamkd_teacher_inference_seconds_count") or 0.0
+    return out
+
+
+def measure_e2e(parts, n: int, warmup: int) -> tuple[float, object, dict]:
+    """Images/s after warm-up, and where the loop thread spent each batch's time (ms, host clock).
+
+    ``wait``: blocked on the prefetch queue (ingest-bound); ``teacher``/``student``: in those calls
+    (compute on CPU; kernel launches on CUDA, so high values there mean the loop is CPU-bound);
+    ``other``: the rest (on CUDA mostly the lagged stats read, i.e. waiting for the GPU).
+    """
     from streamkd import daemon
 
-    marks: dict[str, tuple[float, int]] = {}
+    marks: dict[str, tuple[float, int, dict]] = {}
 
     def on_progress(p) -> None:
         if "start" not in marks and p.samples_seen >= warmup:
-            marks["start"] = (time.perf_counter(), p.samples_seen)
+            marks["start"] = (time.perf_counter(), p.samples_seen, loop_sums(parts.registry))
 
     def stop_when(p) -> bool:
-        return p.records_done >= n
+        if p.records_done >= n:
+            marks["end"] = (time.perf_counter(), p.samples_seen, loop_sums(parts.registry))
+            return True
+        return False
 
     prog = daemon.run(parts, threading.Event(), on_progress=on_progress, stop_when=stop_when)
-    t_end = time.perf_counter()
-    t0, s0 = marks["start"]
-    # stop_when fires after the last batch was trained, before the final checkpoint: t_end is close enough
-    return (prog.samples_seen - s0) / (t_end - t0), prog
+    t0, s0, a = marks["start"]
+    t1, s1, b = marks["end"]
+    batches = max(b["batches"] - a["batches"], 1)
+    loop = {f"loop_{k}_ms": round(1000 * (b[k] - a[k]) / batches, 3) for k in LOOP_PARTS}
+    loop["loop_batch_ms"] = round(1000 * (t1 - t0) / batches, 3)
+    loop["loop_other_ms"] = round(loop["loop_batch_ms"] - sum(loop[f"loop_{k}_ms"] for k in LOOP_PARTS), 3)
+    return (s1 - s0) / (t1 - t0), prog, loop
 
 
 def main() -> None:
@@ -264,7 +289,7 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         parts = daemon.build(cfg)  # fresh student and optimizer for the e2e run
-        e2e, prog = measure_e2e(parts, n, p["warmup"])
+        e2e, prog, loop = measure_e2e(parts, n, p["warmup"])
     result = {
         "preset": args.preset,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
@@ -285,6 +310,7 @@ def main() -> None:
         "teacher_precision": parts.teacher_info["precision"],
         "torch": torch.__version__,
     }
+    result.update(loop)
     result.update(nvjpeg)
     if dev.type == "cuda":
         result["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)

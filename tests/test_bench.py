@@ -32,6 +32,9 @@ def test_throughput_smoke_prints_the_contract():
     assert result["trained"] == result["records"] == 600  # the e2e run trained every record it timed
     assert result["ratio_vs_compute"] == round(result["e2e_img_s"] / result["compute_only_img_s"], 3)
     assert all(result[k] > 0 for k in ("e2e_img_s", "compute_only_img_s", "naive_img_s", "rss_mb"))
+    parts = [result[f"loop_{k}_ms"] for k in ("wait", "teacher", "student", "other")]
+    assert all(v >= 0 for v in parts[:3])  # where the loop thread's time per batch went
+    assert abs(sum(parts) - result["loop_batch_ms"]) < 0.01
 
 
 def test_student_step_matrix_runs_each_variant():
