@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test setup system-deps bench clean
+.PHONY: demo test setup system-deps bench bench-smoke clean
 
 demo: setup system-deps
 	$(BIN)/streamkd demo
@@ -30,6 +30,12 @@ system-deps:
 bench: setup system-deps
 	$(BIN)/python bench/fashion_mnist.py
 	$(BIN)/python bench/throughput.py --preset cpu
+
+# The benchmark scripts at toy sizes (numbers meaningless): run before spending a GPU lease on them.
+# Benchmarks stay out of the test suite (DESIGN.md), so this is a separate target.
+bench-smoke: setup system-deps
+	$(BIN)/python bench/throughput.py --preset cpu --smoke --naive-records 32 | tail -n 1
+	$(BIN)/python bench/student_step.py --model streamkd:lenet5 --size 28 --channels 1 --batch 8 --steps 2 --no-compile --device cpu | tail -n 1
 
 clean:
 	rm -rf $(VENV) state .pytest_cache build *.egg-info
