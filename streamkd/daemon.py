@@ -149,6 +149,25 @@ def _fallback(metrics: Metrics, what: str, where, why: str) -> None:
     metrics.checkpoint_fallbacks.inc()
 
 
+def warm_up(parts: Parts) -> float:
+    """Compile and pick kernels before the first record is read, so neither the first batch's latency nor
+    the throughput figures include it (``train.compile``; cuDNN autotuning on CUDA). Returns seconds."""
+    cfg, device = parts.cfg, parts.device
+    if not (cfg.train.compile or device.type == "cuda"):
+        return 0.0
+    t = time.monotonic()
+    h, w = cfg.teacher.input_size
+    x = torch.zeros(cfg.train.batch_size, cfg.teacher.channels, h, w, dtype=torch.uint8, device=device)
+    parts.teacher(x)
+    parts.learner.warmup(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.monotonic() - t
+    parts.metrics.warmup_seconds.set(seconds)
+    log.info("warm-up (compile=%s) took %.1f s", cfg.train.compile, seconds)
+    return seconds
+
+
 def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress], None] | None = None,
         stop_when: Callable[[Progress], bool] | None = None) -> Progress:
     """The daemon loop. Returns when ``stop`` is set (or ``stop_when`` says so), after a final checkpoint."""
@@ -197,11 +216,23 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                       workers=cfg.input.decode_workers, stop=intake_stop, on_reject=on_reject,
                       pin_memory=parts.device.type == "cuda", gpu=_gpu_decoder(cfg, parts.device), journal=journal)
     heartbeat = [time.monotonic()]
+    warming = threading.Event()  # alive while compiling, however long that takes; not ready until it is done
+    warming.set()
     server = HttpServer(cfg.metrics.host, cfg.metrics.port, parts.registry,
-                        healthy=lambda: time.monotonic() - heartbeat[0] < 120,
-                        ready=lambda: source.ready, snapshots=parts.snapshots, token=cfg.metrics.snapshot_token)
+                        healthy=lambda: warming.is_set() or time.monotonic() - heartbeat[0] < 120,
+                        ready=lambda: source.ready and not warming.is_set(), snapshots=parts.snapshots,
+                        token=cfg.metrics.snapshot_token)
     server.start()
     log.info("HTTP on http://%s:%d (/metrics /healthz /readyz /v1/snapshots/latest)", cfg.metrics.host, server.port)
+    try:
+        warm_up(parts)
+    except BaseException:  # a model that cannot compile: nothing was read yet, close the edges and say why
+        dlq.close()
+        server.stop()
+        raise
+    finally:
+        heartbeat[0] = time.monotonic()
+        warming.clear()
     source.start()
     batcher.start()
 

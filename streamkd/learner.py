@@ -167,6 +167,29 @@ class Learner:
             has_label.sum().float(), correct.float(), bad,
         ])
 
+    def warmup(self, images: torch.Tensor) -> None:
+        """Forward + backward on ``images`` (uint8, the batch shape the loop will see) so compilation and
+        kernel selection happen now, not inside the first real step. Leaves no trace: weights and the
+        optimizer are not touched, BatchNorm statistics and the RNG are restored, gradients are dropped."""
+        buffers = {k: v.clone() for k, v in self.student.named_buffers()}
+        rng = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        try:
+            x = self.spec(images)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(self.device, self.amp):
+                logits = self.forward(x)
+            logits.float().sum().backward()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for k, v in self.student.named_buffers():
+                    v.copy_(buffers[k])
+            torch.random.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+
     # -- checkpoint state ------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """CPU copies of the student weights and optimizer state (safe to write from another thread)."""

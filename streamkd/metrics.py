@@ -55,6 +55,8 @@ class Metrics:
         self.last_checkpoint_ts = Gauge(
             "streamkd_last_checkpoint_timestamp_seconds", "Unix time of the newest durable checkpoint.", **r)
         self.ready = Gauge("streamkd_ready", "1 once the teacher is loaded and the consumer is assigned.", **r)
+        self.warmup_seconds = Gauge(
+            "streamkd_warmup_seconds", "Start-up compilation and kernel selection, before the first record.", **r)
         self.queue_depth = Gauge("streamkd_prefetch_queue_batches", "Decoded batches waiting for the GPU.", **r)
         self.teacher_seconds = Histogram(
             "streamkd_teacher_inference_seconds", "Teacher forward time per batch.", buckets=_LATENCY_BUCKETS, **r)

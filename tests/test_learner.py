@@ -150,3 +150,37 @@ def test_compiled_student_matches_eager():
     for _ in range(2):
         a, b = eager.step(x, t, y), compiled.step(x, t, y)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_warmup_leaves_no_trace():
+    """Warm-up (compile, kernel choice) must not move weights, optimizer, BatchNorm statistics or the RNG."""
+    def make() -> Learner:
+        torch.manual_seed(0)
+        model = build_model("streamkd:fmnist_cnn", 10, in_channels=1, input_size=(28, 28))  # BN + dropout
+        return Learner(model, SPEC, TrainConfig(), torch.device("cpu"), None)
+
+    x, t = batch()
+    y = torch.full((16,), -1)
+    plain, warmed = make(), make()
+    for lr in (plain, warmed):
+        torch.manual_seed(3)
+        lr.step(x, t, y)  # optimizer state exists, BN statistics moved
+    before = {k: v.clone() for k, v in warmed.student.state_dict().items()}
+    opt_before = warmed.optimizer.state_dict()
+    blank = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    torch.manual_seed(5)
+    warmed.warmup(blank)  # dropout draws random numbers: the state must come back
+    after_rng = torch.random.get_rng_state()
+    torch.manual_seed(5)
+    assert torch.equal(after_rng, torch.random.get_rng_state())
+    for k, v in warmed.student.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in warmed.student.parameters())
+    assert str(warmed.optimizer.state_dict()) == str(opt_before)
+    torch.manual_seed(7)
+    a = plain.step(x, t, y)
+    torch.manual_seed(7)
+    b = warmed.step(x, t, y)
+    assert torch.equal(a, b)
+    for (k, v), w in zip(plain.student.state_dict().items(), warmed.student.state_dict().values()):
+        assert torch.equal(v, w), k

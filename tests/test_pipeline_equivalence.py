@@ -56,3 +56,59 @@ def test_daemon_matches_straight_loop(broker, tmp_path, batch, workers):
     want = ref.learner.student.state_dict()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_compiled_daemon_warms_up_before_reading_and_matches_the_straight_loop(broker, tmp_path, monkeypatch):
+    """train.compile: compilation happens before the first record (alive, not ready, nothing consumed),
+    and the compiled, warmed-up daemon ends with the same weights as an eager straight loop."""
+    import json
+    import socket
+    import urllib.error
+    import urllib.request
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="aot_eager"))  # no C++
+    topic, batch, n = "equiv-compiled", 16, 64
+    ensure_topics(broker.bootstrap, {topic: 1})
+    values, _ = fmnist_pngs(n, split="train")
+    from conftest import produce_values
+
+    produce_values(broker.bootstrap, topic, values, partitions=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = [f"kafka.bootstrap_servers={broker.bootstrap}", f"kafka.topic={topic}", f"metrics.port={port}",
+                 "metrics.host=127.0.0.1", f"checkpoint.dir={tmp_path}/ck", f"snapshot.dir={tmp_path}/sn",
+                 "train.device=cpu", f"train.batch_size={batch}", "input.max_wait_ms=60000", "train.compile=true"]
+    cfg = load_config(None, overrides, env={})
+    parts = daemon.build(cfg)
+
+    def status(path: str) -> int:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    seen: dict = {}
+    real_warm_up = daemon.warm_up
+
+    def observed_warm_up(p):
+        seen["healthz"], seen["readyz"] = status("/healthz"), status("/readyz")
+        seen["consumed"] = p.registry.get_sample_value("streamkd_messages_consumed_total")
+        return real_warm_up(p)
+
+    monkeypatch.setattr(daemon, "warm_up", observed_warm_up)
+    prog = daemon.run(parts, threading.Event(), stop_when=lambda p: p.records_done >= n)
+    assert seen == {"healthz": 200, "readyz": 503, "consumed": 0.0}, json.dumps(seen)
+    assert parts.registry.get_sample_value("streamkd_warmup_seconds") > 0
+    assert prog.samples_seen == n and prog.step == n // batch
+
+    monkeypatch.setattr(torch, "compile", real_compile)
+    ref = daemon.build(load_config(None, overrides[:-1], env={}))  # eager, same seed
+    x_all = torch.cat([decode_record(v, None, Limits()).images for v in values])
+    for i in range(0, n, batch):
+        x = x_all[i:i + batch]
+        ref.learner.step(x, ref.teacher(x), torch.full((batch,), -1))
+    want = ref.learner.student.state_dict()
+    for k, v in parts.learner.student.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5, msg=k)
