@@ -23,7 +23,9 @@ def log(msg: str) -> None:
 
 
 def time_variant(model_spec: str, size: int, channels: int, batch: int, steps: int, device: torch.device,
-                 precision: str, channels_last: bool, compile: bool) -> float:
+                 precision: str, channels_last: bool, compile: str | None) -> float:
+    """``compile``: None (eager) or a ``torch.compile`` mode; "reduce-overhead" adds CUDA graphs, which
+    the daemon does not use yet -- measured here first."""
     from streamkd.config import TrainConfig
     from streamkd.learner import InputSpec, Learner, resolve_precision
     from streamkd.models import build_model
@@ -32,8 +34,10 @@ def time_variant(model_spec: str, size: int, channels: int, batch: int, steps: i
     model = build_model(model_spec, 1000 if model_spec.startswith("torchvision:") else 10, in_channels=channels,
                         input_size=(size, size))
     spec = InputSpec((size, size), channels, (0.5,) * channels, (0.25,) * channels)
-    cfg = dataclasses.replace(TrainConfig(), channels_last=channels_last, compile=compile)
-    learner = Learner(model, spec, cfg, device, resolve_precision(precision, device), channels_last, compile)
+    cfg = dataclasses.replace(TrainConfig(), channels_last=channels_last)
+    learner = Learner(model, spec, cfg, device, resolve_precision(precision, device), channels_last)
+    if compile:
+        learner.forward = torch.compile(learner.student, mode=compile)
     k = 1000 if model_spec.startswith("torchvision:") else 10
     x = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8, device=device)
     logits = torch.randn(batch, k, device=device)
@@ -63,15 +67,18 @@ def main() -> None:
     from streamkd.learner import resolve_device
 
     device = resolve_device(args.device)
-    variants = [("auto", True, False), ("fp32", True, False), ("auto", False, False), ("fp32", False, False)]
+    variants = [("auto", True, None), ("fp32", True, None), ("auto", False, None), ("fp32", False, None)]
     if not args.no_compile:
-        variants += [("auto", True, True), ("auto", False, True)]
+        variants += [("auto", True, "default"), ("auto", False, "default")]
+        if device.type == "cuda":
+            variants += [("auto", True, "reduce-overhead")]
     result: dict = {"model": args.model, "size": args.size, "batch": args.batch,
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "torch": torch.__version__}
     first = None
     for precision, cl, comp in variants:
-        name = f"{precision}{'_cl' if cl else ''}{'_compile' if comp else ''}"
+        suffix = {None: "", "default": "_compile", "reduce-overhead": "_compile_cudagraphs"}[comp]
+        name = f"{precision}{'_cl' if cl else ''}{suffix}"
         try:
             rate = time_variant(args.model, args.size, args.channels, args.batch, args.steps, device, precision,
                                 cl, comp)

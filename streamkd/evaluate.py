@@ -112,7 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("snapshot", metavar="SNAPSHOT", help="a snapshot directory (uses LATEST) or one version folder")
     p.add_argument("--dataset", choices=["fashion-mnist"], default="fashion-mnist")
     p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--data-dir", default=None, help="where Fashion-MNIST lives (default: $STREAMKD_DATA_DIR, Debian's, a download)")
+    p.add_argument("--data-dir", default=None,
+                   help="where Fashion-MNIST lives (default: $STREAMKD_DATA_DIR, Debian's, a download)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
     p.add_argument("--teacher", default=None, metavar="MODEL_SPEC",
                    help=f"teacher to compare with (default: {TEACHER_SPEC} with the shipped weights, when present)")
@@ -124,7 +125,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-mean", type=float, nargs="+", default=list(t.mean), help="default: %(default)s")
     p.add_argument("--teacher-std", type=float, nargs="+", default=list(t.std), help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=512, help="default: %(default)s")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N] (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available) | cpu | cuda[:N] (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_main)
 
@@ -149,7 +151,8 @@ def _teacher(args: argparse.Namespace) -> tuple[nn.Module | None, str | None, st
                 return None, None, f"not evaluated ({e})"
             raise ValueError(str(e)) from None
     if weights is None and not spec.endswith(FILE_SUFFIXES):
-        raise ValueError(f"--teacher {spec} needs --teacher-weights (random weights would make its figures meaningless)")
+        raise ValueError(f"--teacher {spec} needs --teacher-weights "
+                         "(random weights would make its figures meaningless)")
     model = build_model(spec, None, in_channels=args.teacher_channels, input_size=tuple(args.teacher_input_size),
                         weights=weights)
     return model, spec, weights or spec

@@ -253,7 +253,8 @@ def export_model(
         target = tmp / out.name
         dynamic = True
         if fmt == "onnx":
-            exporter = "torch.onnx (dynamo)" if _export_onnx(model, example, target) == "dynamo" else "torch.onnx (torchscript)"
+            used = _export_onnx(model, example, target)
+            exporter = "torch.onnx (dynamo)" if used == "dynamo" else "torch.onnx (torchscript)"
         elif fmt == "torchscript":
             exporter = "torch.jit.trace"
             torch.jit.save(torch.jit.trace(model, example), str(target))

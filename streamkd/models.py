@@ -322,7 +322,8 @@ def num_classes_of(model: nn.Module, input_size: tuple[int, int], in_channels: i
             # batch 2, not 1: a program exported with a dynamic batch dim may not accept 1
             out = model(torch.zeros(2, in_channels, *input_size, device=device))
     except Exception as e:
-        raise ValueError(f"model does not accept a float 2×{in_channels}×{input_size[0]}×{input_size[1]} input: {e}") from e
+        shape = f"2×{in_channels}×{input_size[0]}×{input_size[1]}"
+        raise ValueError(f"model does not accept a float {shape} input: {e}") from e
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

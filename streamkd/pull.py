@@ -467,7 +467,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("url", metavar="URL", help="the daemon's base URL, e.g. http://127.0.0.1:9400")
     p.add_argument("dir", metavar="DIR", type=Path, help="local snapshot folder (created if missing)")
     p.add_argument("--watch", action="store_true", help="keep polling for new versions until Ctrl-C")
-    p.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds between polls (default: %(default)s)")
+    p.add_argument("--interval", type=float, default=10.0, metavar="S",
+                   help="seconds between polls (default: %(default)s)")
     p.add_argument("--keep", type=int, default=5, metavar="K", help="versions kept in DIR (default: %(default)s)")
     p.add_argument("--token", default=None, metavar="T",
                    help=f"bearer token for the snapshot routes (default: ${TOKEN_ENV})")

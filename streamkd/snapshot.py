@@ -39,7 +39,8 @@ from .fsutil import (
     sha256_file,
 )
 
-__all__ = ["LATEST_FILE", "MANIFEST_FILE", "MODEL_FILE", "NonFiniteWeights", "SnapshotStore", "rfc3339_now", "safe_name"]
+__all__ = ["LATEST_FILE", "MANIFEST_FILE", "MODEL_FILE", "NonFiniteWeights", "SnapshotStore", "rfc3339_now",
+           "safe_name"]
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"

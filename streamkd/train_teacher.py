@@ -279,14 +279,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="train the shipped Fashion-MNIST teacher (streamkd:fmnist_cnn)",
         description=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="weights file; the manifest goes beside it as .json (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="weights file; the manifest goes beside it as .json (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="one-cycle peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+                   help="one-cycle peak learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="default: %(default)s")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N train and test images (quick runs)")
-    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files (else $STREAMKD_DATA_DIR, Debian's, or a download)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory with the Fashion-MNIST IDX files (else $STREAMKD_DATA_DIR, Debian's, or a download)")
     p.set_defaults(func=_main)
     return p
 

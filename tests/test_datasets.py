@@ -106,7 +106,8 @@ def test_not_found_message(nowhere, monkeypatch):
 
 def test_download_lands_in_cache(nowhere, monkeypatch):
     def fake_download(directory):
-        _write_split(directory / "FashionMNIST" / "raw", "train", np.zeros((2, 28, 28), np.uint8), np.array([0, 9], np.uint8))
+        _write_split(directory / "FashionMNIST" / "raw", "train", np.zeros((2, 28, 28), np.uint8),
+                     np.array([0, 9], np.uint8))
 
     monkeypatch.setattr(datasets, "_torchvision_download", fake_download)
     images, labels = load_fashion_mnist("train")

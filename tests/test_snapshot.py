@@ -148,7 +148,8 @@ def test_extra_file_writer_failure_leaves_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../LATEST", "..", ".", "/etc/passwd", "a/b", "manifest.json\0", "", "LATEST", "unlisted.bin", "model.safetensors/"],
+    ["../LATEST", "..", ".", "/etc/passwd", "a/b", "manifest.json\0", "", "LATEST", "unlisted.bin",
+     "model.safetensors/"],
 )
 def test_file_path_rejects(tmp_path: Path, name: str) -> None:
     store = SnapshotStore(tmp_path)
