@@ -150,8 +150,9 @@ def _fallback(metrics: Metrics, what: str, where, why: str) -> None:
 
 
 def warm_up(parts: Parts) -> float:
-    """Compile and pick kernels before the first record is read, so neither the first batch's latency nor
-    the throughput figures include it (``train.compile``; cuDNN autotuning on CUDA). Returns seconds."""
+    """Compile and initialise before the first record is read, so neither the first batch's latency nor the
+    throughput figures include it (``train.compile``; on CUDA also the lazy start-up: cuBLAS/cuDNN handles,
+    kernel selection, the allocator's first blocks). Returns seconds."""
     cfg, device = parts.cfg, parts.device
     if not (cfg.train.compile or device.type == "cuda"):
         return 0.0

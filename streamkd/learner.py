@@ -106,7 +106,7 @@ class Learner:
     def __init__(self, student: nn.Module, spec: InputSpec, cfg: TrainConfig, device: torch.device,
                  amp: torch.dtype | None, channels_last: bool = False, compile: bool = False):
         self.cfg, self.spec, self.device = cfg, spec, device
-        # fp16 needs loss scaling for training; we keep the student in fp32 then (the teacher still runs fp16).
+        # fp16 needs loss scaling for training; the student stays in fp32 then (teacher.precision is separate).
         self.amp = amp if amp is not torch.float16 else None
         # channels_last pays for the student too: on the 2-core CPU the LeNet step went from 6.6-7.4 ms to
         # 5.2 ms (batch 64; NCHW max-pooling alone is 2x slower); on CUDA it is what tensor cores want.
