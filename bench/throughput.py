@@ -27,6 +27,7 @@ import io
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import threading
@@ -97,8 +98,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_compute(parts, batch: int, steps: int) -> tuple[float, float, float]:
-    """(teacher only, student step only, teacher + student step) images/s on device-resident uint8 batches."""
+def measure_compute(parts, batch: int, steps: int, rounds: int = 3) -> tuple[float, float, float]:
+    """(teacher only, student step only, teacher + student step) images/s on device-resident uint8 batches.
+
+    The three are measured in ``rounds`` alternating rounds and the median of each is kept, so a noisy
+    neighbour on a shared machine moves all three alike instead of skewing one of them.
+    """
     dev = parts.device
     c, (h, w) = parts.cfg.teacher.channels, parts.cfg.teacher.input_size
     x = torch.randint(0, 256, (batch, c, h, w), dtype=torch.uint8, device=dev)
@@ -106,22 +111,21 @@ def measure_compute(parts, batch: int, steps: int) -> tuple[float, float, float]
     for _ in range(5):  # warm-up: cuDNN autotuning, allocator, lazy init
         parts.learner.step(x, parts.teacher(x), y)
     sync(dev)
-    t = time.perf_counter()
-    for _ in range(steps):
-        parts.teacher(x)
-    sync(dev)
-    teacher_only = batch * steps / (time.perf_counter() - t)
     logits = parts.teacher(x)
-    t = time.perf_counter()
-    for _ in range(steps):
-        parts.learner.step(x, logits, y)
-    sync(dev)
-    student_only = batch * steps / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for _ in range(steps):
-        parts.learner.step(x, parts.teacher(x), y)
-    sync(dev)
-    return teacher_only, student_only, batch * steps / (time.perf_counter() - t)
+    per_round = max(1, steps // rounds)
+
+    def rate(fn) -> float:
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(per_round):
+            fn()
+        sync(dev)
+        return batch * per_round / (time.perf_counter() - t)
+
+    runs = [(rate(lambda: parts.teacher(x)), rate(lambda: parts.learner.step(x, logits, y)),
+             rate(lambda: parts.learner.step(x, parts.teacher(x), y))) for _ in range(rounds)]
+    teacher_only, student_only, compute = (statistics.median(r[i] for r in runs) for i in range(3))
+    return teacher_only, student_only, compute
 
 
 def measure_nvjpeg(records, batch: int, parts, rounds: int = 20) -> dict:
