@@ -114,9 +114,8 @@ class Batcher:
                 self.on_reject(refs[i][0], Rejected("corrupt", "nvJPEG could not decode the image"))
             bad = set(failed)
             labels = labels + [-1 if r.label is None else r.label for i, (_, r) in enumerate(refs) if i not in bad]
-        y = torch.tensor(labels, dtype=torch.int64)
-        if self.pin_memory:
-            y = y.pin_memory()  # a pageable copy could stall the stream; pinned ones are truly async
+        # pinned: a pageable host->device copy could stall the stream; pinned ones are truly async
+        y = torch.tensor(labels, dtype=torch.int64, pin_memory=self.pin_memory)
         batch = Batch(images=x, labels=y, offsets=dict(offsets),
                       records=records, first_offsets=dict(first), ready=ready)
         while not self.stop_event.is_set():

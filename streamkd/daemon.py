@@ -328,7 +328,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
         nonlocal pending_snap, last_snap_step, last_snap_t
         if pending_snap is not None:
             _result(pending_snap, "snapshot")
-        weights, _ = learner.state()
+        weights = learner.weights()  # the optimizer state stays on the device: a snapshot does not keep it
         model_copy = (copy.deepcopy(learner.student).cpu().eval().to(memory_format=torch.contiguous_format)
                       if cfg.snapshot.formats else None)
         manifest = _manifest(cfg, parts, prog)

@@ -39,6 +39,9 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_precision(precision: str, device: torch.device, *, inference: bool = False) -> torch.dtype | None:
     """Autocast dtype for a forward pass; None for fp32.
 
@@ -51,11 +54,11 @@ def resolve_precision(precision: str, device: torch.device, *, inference: bool =
             precision = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
         else:
             precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return PRECISIONS[precision]
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return next(name for name, d in PRECISIONS.items() if d is dtype)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -191,12 +194,15 @@ class Learner:
                 torch.cuda.set_rng_state(cuda_rng, self.device)
 
     # -- checkpoint state ------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the student weights (what a snapshot publishes; safe to write from another thread)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """CPU copies of the student weights and optimizer state (safe to write from another thread)."""
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+        """CPU copies of the student weights and optimizer state (what a checkpoint keeps)."""
         opt = _to_cpu(self.optimizer.state_dict())
         opt["scheduler"] = self.scheduler.state_dict()
-        return weights, opt
+        return self.weights(), opt
 
     def load_state(self, weights: dict[str, torch.Tensor], optimizer: dict | None) -> None:
         self.student.load_state_dict(weights)
