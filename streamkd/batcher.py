@@ -25,7 +25,7 @@ import torch
 from .decode import Decoded, Limits, Rejected, decode_record
 from .gpu_decode import GpuJpegDecoder, JpegRef, check_jpeg
 from .preprocess import resize_uint8
-from .quarantine import DecodeJournal, chunk_ranges
+from .quarantine import DecodeJournal, TrainJournal, chunk_ranges
 from .source import RawRecord, RecordQueue
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class Batcher:
     def __init__(self, records: RecordQueue, out: "queue.Queue[Batch]", *, batch_size: int, max_wait_s: float,
                  limits: Limits, size: tuple[int, int], channels: int, workers: int, stop: threading.Event,
                  on_reject: Callable[[RawRecord, Rejected], None], pin_memory: bool = False,
-                 journal: DecodeJournal | None = None, gpu: GpuJpegDecoder | None = None):
+                 journal: DecodeJournal | None = None, gpu: GpuJpegDecoder | None = None,
+                 train_journal: TrainJournal | None = None):
         self.records, self.out = records, out
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.limits, self.size, self.channels = limits, size, channels
@@ -80,6 +81,7 @@ class Batcher:
         self.on_reject = on_reject
         self.pin_memory = pin_memory
         self.journal = journal
+        self.train_journal = train_journal  # records that crashed the training step: dead-letter, not decode
         self.gpu = gpu  # nvJPEG decoder: JPEG pixels are decoded on the GPU, not in the CPU pool
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -136,6 +138,26 @@ class Batcher:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _decode(self, recs: list[RawRecord]) -> list[Decoded | Rejected]:
+        """Decode a chunk in record order; records condemned by the training-crash journal are rejected."""
+        tj = self.train_journal
+        if tj is None or not tj.active:
+            return self._decode_chunk(recs)
+        condemned = [tj.condemned(r.partition, r.offset) for r in recs]
+        if not any(condemned):
+            return self._decode_chunk(recs)
+        decoded = iter(self._decode_chunk([r for r, c in zip(recs, condemned) if not c]))
+        out: list[Decoded | Rejected] = []
+        for rec, doomed in zip(recs, condemned):
+            if doomed:
+                crashes = tj.crashes(rec.partition, rec.offset)
+                out.append(Rejected("train_crash", f"training crashed the process {crashes} times in a row with "
+                                                   "this record in the batch; not retried"))
+                tj.passed(rec.partition, rec.offset)
+            else:
+                out.append(next(decoded))
+        return out
+
+    def _decode_chunk(self, recs: list[RawRecord]) -> list[Decoded | Rejected]:
         """Decode a chunk in record order (so offsets per partition only ever move forward)."""
         if not recs:
             return []

@@ -117,6 +117,7 @@ class TrainConfig:
     compile: bool = False
     prefetch_batches: int = 4
     max_consecutive_skips: int = 10  # then roll back to the last good checkpoint
+    max_crashes: int = 3  # process crashes in a row while decoding or training a record, then it is dead-lettered
     agreement_window: int = 2000  # samples in the prequential window
     shutdown_grace_s: float = 30.0
     seed: int = 0
@@ -399,7 +400,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{section}.std", f"every value must be > 0, got {list(std)}")
     t = cfg.train
     _positive(cfg, "train", "batch_size", "temperature", "lr", "prefetch_batches", "max_consecutive_skips",
-              "agreement_window", "shutdown_grace_s")
+              "max_crashes", "agreement_window", "shutdown_grace_s")
     _positive(cfg, "train", "weight_decay", "momentum", "warmup_steps", "grad_clip", allow_zero=True)
     if not 0.0 <= t.alpha <= 1.0:
         raise ConfigError("train.alpha", f"must be in [0, 1], got {t.alpha}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +60,14 @@ class DecodeJournal:
     Used from one thread (the batcher's); not thread-safe.
     """
 
+    FILE = JOURNAL_FILE
+    STAGE = "decoding"
+
     def __init__(self, directory: str | Path, resume_offsets: dict[int, int] | None = None,
                  max_crashes: int = MAX_CRASHES):
         if max_crashes < 1:
             raise ValueError(f"max_crashes must be >= 1, got {max_crashes}")
-        self.path = Path(directory) / JOURNAL_FILE
+        self.path = Path(directory) / self.FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_crashes = max_crashes
         self.ranges: list[_Range] = []  # suspect: one record each when a == b
@@ -83,12 +87,11 @@ class DecodeJournal:
             return
         except (ValueError, TypeError, AttributeError) as e:
             # Unreadable journal: we lose crash attribution for one round, never data.
-            log.warning("decode journal %s unreadable (%s); starting a fresh one", self.path, e)
+            log.warning("crash journal %s unreadable (%s); starting a fresh one", self.path, e)
             return
         self.ranges = ranges
         for p, a, b in inflight:
-            log.error("the previous process died while decoding partition %d offsets %d..%d; decoding them one "
-                      "record at a time to find the culprit", p, a, b)
+            log.error("the previous process died while %s partition %d offsets %d..%d", self.STAGE, p, a, b)
             same = next((r for r in self.ranges if (r.partition, r.first, r.last) == (p, a, b)), None)
             if same is not None:
                 same.crashes += 1
@@ -169,7 +172,7 @@ class DecodeJournal:
             # A full disk must not stop decoding (that would turn it into a crash loop);
             # we only lose crash attribution until writes succeed again.
             if not self._write_failed:
-                log.warning("decode journal %s not writable (%s); continuing without it", self.path, e)
+                log.warning("crash journal %s not writable (%s); continuing without it", self.path, e)
             self._write_failed = True
         else:
             self._write_failed = False
@@ -183,3 +186,74 @@ def chunk_ranges(records) -> list[tuple[int, int, int]]:
         lo_hi[0] = min(lo_hi[0], rec.offset)
         lo_hi[1] = max(lo_hi[1], rec.offset)
     return [(p, lo, hi) for p, (lo, hi) in sorted(span.items())]
+
+
+TRAIN_JOURNAL_FILE = "train-journal.json"
+
+
+class TrainJournal(DecodeJournal):
+    """The same crash attribution for the training step, in ``<directory>/train-journal.json``.
+
+    A batch's offset ranges are in flight from before the teacher sees it until
+    its step's stats have been read on the host (on CUDA one step later, so an
+    asynchronous device error is still attributed to its batch). A record that
+    was in flight during ``max_crashes`` consecutive crashes (a Python exception
+    or a signal, it makes no difference) is dead-lettered by the batcher with
+    reason ``train_crash`` instead of being trained again. A batch that trains
+    clears its records' counts, so only crashes in a row condemn a record.
+
+    Used from the loop thread (begin/end) and the batcher thread (condemned/passed)
+    under one lock.
+    """
+
+    FILE = TRAIN_JOURNAL_FILE
+    STAGE = "training"
+
+    def __init__(self, directory: str | Path, resume_offsets: dict[int, int] | None = None,
+                 max_crashes: int = MAX_CRASHES):
+        self._lock = threading.RLock()
+        self._steps: dict[int, list[tuple[int, int, int]]] = {}
+        self._next_token = 0
+        super().__init__(directory, resume_offsets, max_crashes)
+
+    def begin_step(self, ranges: list[tuple[int, int, int]]) -> int:
+        """Mark a batch's ``[(partition, first, last)]`` as in training; returns the token for :meth:`end_step`."""
+        with self._lock:
+            token = self._next_token
+            self._next_token += 1
+            self._steps[token] = list(ranges)
+            self._inflight = [r for rs in self._steps.values() for r in rs]
+            self._write()
+            return token
+
+    def end_step(self, token: object) -> None:
+        """The step is on the host: its records trained without taking the process down."""
+        with self._lock:
+            ranges = self._steps.pop(token, None)  # type: ignore[arg-type]
+            if ranges is None:
+                return
+            if self.ranges:
+                for p, a, b in ranges:
+                    for r in [r for r in self.ranges if r.partition == p and r.first <= b and a <= r.last
+                              and r.crashes < self.max_crashes]:  # condemned ones stay until a checkpoint
+                        self.ranges.remove(r)
+            self._inflight = [r for rs in self._steps.values() for r in rs]
+            self._write()
+
+    def condemned(self, partition: int, offset: int) -> bool:
+        with self._lock:
+            return super().condemned(partition, offset)
+
+    def crashes(self, partition: int, offset: int) -> int:
+        with self._lock:
+            return super().crashes(partition, offset)
+
+    def passed(self, partition: int, offset: int) -> None:
+        with self._lock:
+            super().passed(partition, offset)
+            self._write()
+
+
+def batch_ranges(first: dict[int, int], next_offsets: dict[int, int]) -> list[tuple[int, int, int]]:
+    """``[(partition, first, last)]`` of a batch, from its first offsets and its resume (next) offsets."""
+    return [(p, first[p], next_offsets[p] - 1) for p in sorted(next_offsets) if p in first]

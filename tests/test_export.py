@@ -31,7 +31,7 @@ SHAPE = (1, 1, 28, 28)
 
 
 def daemon_manifest(model: str = "streamkd:lenet5") -> dict:
-    """Shaped like daemon._manifest(): what a server has to go on."""
+    """Shaped like daemon.manifest(): what a server has to go on."""
     return {
         "step": 120, "samples_seen": 3840,
         "student": {"model": model, "num_classes": 10, "input_shape": list(SHAPE), "channels": 1,

@@ -101,7 +101,7 @@ def test_readme_onnxruntime_example_matches_pytorch(tmp_path, channels, override
     parts = SimpleNamespace(num_classes=10, teacher_info={"model": cfg.teacher.model})
     models = tmp_path / "models"
     store = SnapshotStore(models)
-    manifest = store.publish(model.state_dict(), daemon._manifest(cfg, parts, prog),
+    manifest = store.publish(model.state_dict(), daemon.manifest(cfg, parts.num_classes, parts.teacher_info, prog),
                              extra_files=snapshot_exporters(model, (1, c, h, w), ["onnx"]))
     assert "model.onnx" in manifest["files"]
 

@@ -1,0 +1,129 @@
+"""The daemon's input edge: Kafka consumer threads -> record queue -> decode pool -> batches with offsets.
+
+:class:`KafkaIntake` owns everything between the broker and the loop: the
+consumer threads, the decode pool and batcher, the dead-letter producer, the
+crash journals, and the offset commits. The loop only sees :class:`Batch`
+values and calls :meth:`KafkaIntake.commit` with offsets that a durable
+checkpoint covers. Any object with the same methods can stand in for it
+(the loop tests use an in-memory one).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import torch
+
+from .batcher import Batch, Batcher
+from .config import Config
+from .decode import Limits, Rejected
+from .dlq import DeadLetters
+from .metrics import Metrics
+from .quarantine import DecodeJournal, TrainJournal, batch_ranges
+from .source import KafkaSource, RawRecord, RecordQueue
+
+log = logging.getLogger(__name__)
+
+
+class KafkaIntake:
+    """Batches from a Kafka topic. Built at start-up, connected by :meth:`start` once the resume offsets are known."""
+
+    def __init__(self, cfg: Config, metrics: Metrics, device: torch.device):
+        self.cfg, self.metrics, self.device = cfg, metrics, device
+        self.batches: queue.Queue[Batch] = queue.Queue(maxsize=cfg.train.prefetch_batches)
+        self.stop_event = threading.Event()  # stops consuming; the loop itself stops on its own event
+        # Values are cut to stay under the producer's (and Kafka's default broker) 1 MiB request limit,
+        # with room left for key, headers and batch overhead.
+        self.dlq = DeadLetters(cfg.kafka, max_value_bytes=min(cfg.input.max_bytes, 1_000_000))
+        self.rejected = 0
+        self.source: KafkaSource | None = None
+        self.batcher: Batcher | None = None
+        self.train_journal: TrainJournal | None = None
+
+    def start(self, offsets: dict[int, int]) -> None:
+        """Start consuming at ``offsets`` (partition -> next offset; earlier records are in the lineage)."""
+        cfg, metrics = self.cfg, self.metrics
+        records = RecordQueue(cfg.kafka.queue_records, max_bytes=max(256 << 20, 4 * cfg.input.max_bytes))
+        self.source = KafkaSource(cfg.kafka, records, offsets, self.stop_event, on_consumed=metrics.consumed,
+                                  on_error=lambda op: metrics.kafka_errors.labels(op).inc())
+        # A record whose decoding or training kills the process is found and dead-lettered after a few
+        # restarts, instead of crash-looping (quarantine.py). The journals live beside the checkpoints.
+        decode_journal = DecodeJournal(cfg.checkpoint.dir, offsets, max_crashes=cfg.train.max_crashes)
+        self.train_journal = TrainJournal(cfg.checkpoint.dir, offsets, max_crashes=cfg.train.max_crashes)
+        limits = Limits(cfg.input.max_bytes, cfg.input.max_pixels, cfg.input.max_images)
+        self.batcher = Batcher(
+            records, self.batches, batch_size=cfg.train.batch_size, max_wait_s=cfg.input.max_wait_ms / 1000,
+            limits=limits, size=cfg.teacher.input_size, channels=cfg.teacher.channels,
+            workers=cfg.input.decode_workers, stop=self.stop_event, on_reject=self._reject,
+            pin_memory=self.device.type == "cuda", gpu=_gpu_decoder(cfg, self.device), journal=decode_journal,
+            train_journal=self.train_journal)
+        self.source.start()
+        self.batcher.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.source is not None and self.source.ready
+
+    def next(self, timeout: float) -> Batch | None:
+        """The next batch, or None after ``timeout`` seconds without one. Raises if the decode stage died."""
+        if self.batcher is not None and self.batcher.error is not None:
+            raise RuntimeError("decode stage failed") from self.batcher.error
+        try:
+            return self.batches.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        finally:
+            self.metrics.queue_depth.set(self.batches.qsize())
+
+    # -- crash attribution for the training step ----------------------------------------------
+    def begin_step(self, batch: Batch) -> object:
+        """Journal the batch as being trained; returns the token for :meth:`end_step`."""
+        assert self.train_journal is not None
+        return self.train_journal.begin_step(batch_ranges(batch.first_offsets, batch.offsets))
+
+    def end_step(self, token: object) -> None:
+        if self.train_journal is not None and token is not None:
+            self.train_journal.end_step(token)
+
+    # -- offsets and lag -------------------------------------------------------------------------
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit offsets that a durable checkpoint covers; dead letters for the records they skip go first."""
+        self.dlq.flush()
+        if self.source is not None:
+            self.source.commit(offsets)
+
+    def highwater(self) -> dict[int, int]:
+        return self.source.highwater() if self.source is not None else {}
+
+    def stop(self) -> None:
+        """Stop reading (the batches already decoded stay in the queue)."""
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        if self.source is not None:
+            self.source.join(timeout=2.0)
+            self.source.close()
+        self.dlq.close()
+
+    def _reject(self, rec: RawRecord, why: Rejected) -> None:
+        self.rejected += 1
+        self.metrics.rejected(why.reason)
+        (log.error if why.reason in ("decoder_crash", "train_crash") else log.debug)(
+            "rejected %s/%d/%d: %s (%s)", rec.topic, rec.partition, rec.offset, why.reason, why.detail)
+        try:
+            self.dlq.send(rec, why.reason)  # kept until acknowledged; the next checkpoint waits for it
+        except Exception as e:  # noqa: BLE001 - the DLQ being down must not stop training
+            self.metrics.kafka_errors.labels("dlq").inc()
+            log.warning("dead-letter send failed for %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, e)
+
+
+def _gpu_decoder(cfg: Config, device: torch.device):
+    """nvJPEG batch decoder on CUDA hosts (``input.gpu_decode``), else None (CPU decode pool only)."""
+    if device.type != "cuda" or not cfg.input.gpu_decode:
+        return None
+    from .gpu_decode import GpuJpegDecoder
+
+    return GpuJpegDecoder(device, cfg.teacher.input_size, cfg.teacher.channels)

@@ -1,0 +1,203 @@
+"""Persistence: resume, checkpoint and snapshot cadence, and rollback to the last good checkpoint.
+
+Exactly-once into the lineage rests on the order kept here: a checkpoint holds
+the model together with the offsets it covers; the dead letters for skipped
+records are flushed, then the checkpoint is made durable, and only then are
+its offsets committed to Kafka. Writes run on one background thread, so the
+loop never waits for the disk; a failed write is logged and counted, and the
+previous checkpoint or snapshot stays the newest.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .accounting import Progress
+from .checkpoint import CheckpointStore, TrainState, is_finite_state
+from .config import Config
+from .learner import Learner
+from .metrics import Metrics
+from .snapshot import NonFiniteWeights, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+class Persistence:
+    """When and what to write: checkpoints (for resume) and snapshots (for serving)."""
+
+    def __init__(self, cfg: Config, learner: Learner, checkpoints: CheckpointStore, snapshots: SnapshotStore,
+                 metrics: Metrics, manifest: Callable[[Progress], dict], teacher_sha256: str | None):
+        self.cfg, self.learner, self.metrics = cfg, learner, metrics
+        self.lineage = {"config_sha256": cfg.sha256(), "teacher_sha256": teacher_sha256}  # in every checkpoint
+        self.checkpoints, self.snapshots = checkpoints, snapshots
+        self.manifest = manifest  # Progress -> the manifest body of a snapshot taken now
+        self.commit: Callable[[dict[int, int]], None] = lambda offsets: None  # set to the intake's commit
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self._ckpt: Future | None = None
+        self._snap: Future | None = None
+        self._initial: tuple[dict, dict] | None = None  # rollback target before the first checkpoint
+        self.ckpt_step = self.snap_step = 0
+        self.ckpt_t = self.snap_t = time.monotonic()
+
+    # -- start ---------------------------------------------------------------------------------
+    def resume(self, prog: Progress) -> None:
+        """Load the newest valid checkpoint into the learner; ``prog`` then says where to read from."""
+        state = self.checkpoints.load_latest()
+        if state is not None:
+            self.learner.load_state(state.student, state.optimizer)
+            prog.step, prog.samples_seen = state.step, state.samples_seen
+            prog.offsets = dict(state.offsets.get(self.cfg.kafka.topic, {}))
+            log.info("resumed from checkpoint step %d (%d samples); offsets %s", prog.step, prog.samples_seen,
+                     prog.offsets)
+        else:
+            self._initial = self.learner.state()
+        self.ckpt_step = self.snap_step = prog.step
+        self.ckpt_t = self.snap_t = time.monotonic()
+        latest = self.snapshots.latest()
+        if latest:  # restore the gauges (not the counter: nothing was published by this process yet)
+            self.metrics.last_snapshot_version.set(latest["version"])
+            self.metrics.last_snapshot_ts.set(_rfc3339_to_unix(latest.get("created_at")))
+
+    # -- cadence -------------------------------------------------------------------------------
+    def due(self, prog: Progress, now: float) -> bool:
+        """True when a checkpoint or a snapshot is due (the caller then reads the step in flight and saves)."""
+        return self._ckpt_due(prog, now) or self._snap_due(prog, now)
+
+    def save_due(self, prog: Progress, now: float) -> None:
+        if self._ckpt_due(prog, now):
+            self.checkpoint(prog, sync=False)
+        if self._snap_due(prog, now):
+            self.snapshot(prog, sync=False)
+
+    def _ckpt_due(self, prog: Progress, now: float) -> bool:
+        c = self.cfg.checkpoint
+        return prog.step - self.ckpt_step >= c.every_steps or (now - self.ckpt_t >= c.every_seconds
+                                                                 and bool(prog.offsets))
+
+    def _snap_due(self, prog: Progress, now: float) -> bool:
+        s = self.cfg.snapshot
+        return prog.step - self.snap_step >= s.every_steps or (now - self.snap_t >= s.every_seconds
+                                                                and prog.step > self.snap_step)
+
+    # -- writes --------------------------------------------------------------------------------
+    def checkpoint(self, prog: Progress, sync: bool) -> None:
+        self._wait("_ckpt", "checkpoint")
+        weights, opt = self.learner.state()
+        self.ckpt_step, self.ckpt_t = prog.step, time.monotonic()
+        if not is_finite_state(weights):
+            # The step guard checks grads and loss, not what the update did to the weights
+            # (or to buffers such as BatchNorm statistics, updated in forward). A non-finite
+            # checkpoint would be the rollback target: never write one; roll back instead.
+            self.rollback(prog, f"student weights are not finite at step {prog.step}")
+            return
+        st = TrainState(step=prog.step, samples_seen=prog.samples_seen,
+                        offsets={self.cfg.kafka.topic: dict(prog.offsets)}, student=weights, optimizer=opt,
+                        extra=dict(self.lineage))
+        self._ckpt = self.writer.submit(self._write_checkpoint, st)
+        if sync:
+            self._wait("_ckpt", "checkpoint")
+
+    def _write_checkpoint(self, st: TrainState) -> None:
+        self.checkpoints.save(st)
+        self.metrics.checkpoint_written()
+        self.commit(st.offsets.get(self.cfg.kafka.topic, {}))  # never ahead of the durable checkpoint
+
+    def snapshot(self, prog: Progress, sync: bool) -> None:
+        self._wait("_snap", "snapshot")
+        weights = self.learner.weights()  # the optimizer state stays on the device: a snapshot does not keep it
+        model_copy = (copy.deepcopy(self.learner.student).cpu().eval().to(memory_format=torch.contiguous_format)
+                      if self.cfg.snapshot.formats else None)
+        manifest = self.manifest(prog)
+        self.snap_step, self.snap_t = prog.step, time.monotonic()
+        self._snap = self.writer.submit(self._publish, weights, manifest, model_copy)
+        if sync:
+            self._wait("_snap", "snapshot")
+
+    def _publish(self, weights: dict[str, torch.Tensor], manifest: dict, model_copy) -> None:
+        extra = _exporters(self.cfg, model_copy)
+        try:
+            m = self.snapshots.publish(weights, manifest, extra_files=extra)
+        except NonFiniteWeights as e:
+            log.error("snapshot refused: %s (the previous snapshot stays the newest)", e)
+            return
+        self.metrics.snapshot_published(m["version"])
+        log.info("published snapshot %d (step %d, %d samples)", m["version"], manifest["step"],
+                 manifest["samples_seen"])
+
+    def _wait(self, attr: str, what: str) -> None:
+        """Wait for a background write; a failed write is logged (the previous state stays intact)."""
+        fut = getattr(self, attr)
+        if fut is None:
+            return
+        setattr(self, attr, None)
+        try:
+            fut.result()
+        except Exception:  # noqa: BLE001 - disk full, permissions: keep training, retry at the next interval
+            log.exception("%s write failed; the previous one stays the newest", what)
+
+    # -- recovery ------------------------------------------------------------------------------
+    def rollback(self, prog: Progress, why: str) -> None:
+        """The weights went bad (K consecutive skipped updates, or non-finite). Return to the last good checkpoint."""
+        self._wait("_ckpt", "checkpoint")  # roll back to the newest checkpoint, not the one before it
+        st = self.checkpoints.load_latest()
+        dropped_from = st.offsets.get(self.cfg.kafka.topic, {}) if st else {}
+        if st is not None:
+            self.learner.load_state(st.student, st.optimizer)
+            prog.step, prog.samples_seen = st.step, st.samples_seen
+        elif self._initial is not None:
+            self.learner.load_state(*self._initial)
+            prog.step = prog.samples_seen = 0
+        self.metrics.rollbacks.inc()
+        log.error("%s: rolled back to checkpoint step %d; records in offsets %s .. %s are not in the model",
+                  why, prog.step, dropped_from, prog.offsets)
+        prog.consecutive_skips = 0
+        # Count the next intervals from the restored step, or they would wait for the old one.
+        self.ckpt_step, self.snap_step = min(self.ckpt_step, prog.step), min(self.snap_step, prog.step)
+
+    # -- stop ----------------------------------------------------------------------------------
+    def close(self, prog: Progress) -> None:
+        """Keep what was trained: a final checkpoint (and commit), a final snapshot, then stop the writer."""
+        try:
+            if prog.offsets:
+                self.checkpoint(prog, sync=True)
+            if (prog.step > self.snap_step or not self.snapshots.versions()) and prog.step > 0:
+                self.snapshot(prog, sync=True)
+            self._wait("_snap", "snapshot")
+        finally:
+            self.writer.shutdown(wait=True)
+
+
+def _rfc3339_to_unix(value: str | None) -> float:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _exporters(cfg: Config, model) -> dict:
+    """Serving formats written beside the weights (``snapshot.formats``); a failed export omits only its file."""
+    if not cfg.snapshot.formats or model is None:
+        return {}
+    from .export import snapshot_exporters
+
+    c, h, w = cfg.student_channels, *cfg.student_input_size
+
+    def guarded(name: str, write):
+        def run(path: Path) -> None:
+            try:
+                write(path)
+            except Exception as e:  # noqa: BLE001 - a failed export must not cost the snapshot itself
+                log.error("export %s failed (%s: %s); publishing the snapshot without it", name, type(e).__name__, e)
+                path.unlink(missing_ok=True)
+        return run
+
+    return {name: guarded(name, write)
+            for name, write in snapshot_exporters(model, (1, c, h, w), cfg.snapshot.formats).items()}
