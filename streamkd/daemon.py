@@ -78,8 +78,12 @@ class Parts:
     server: HttpServer
 
 
-def build(cfg: Config, registry: CollectorRegistry | None = None) -> Parts:
-    """Load the teacher and student, open the stores. Raises on anything that should stop the start."""
+def build(cfg: Config, registry: CollectorRegistry | None = None, *, intake: KafkaIntake | None = None) -> Parts:
+    """Load the teacher and student, open the stores, build the loop's collaborators.
+
+    ``intake`` replaces the Kafka intake (anything with its methods: tests feed batches from memory).
+    Raises on anything that should stop the start.
+    """
     if "onnx" in cfg.snapshot.formats:
         try:
             import onnx  # noqa: F401
@@ -119,7 +123,7 @@ def build(cfg: Config, registry: CollectorRegistry | None = None) -> Parts:
     log.info("teacher %s (%d classes, %s, %s), student %s (%s) on %s", t.model, num_classes,
              f"weights sha256 {sha[:12]}" if sha else "random init", precision_name(teacher_amp), s.model,
              precision_name(amp), device)
-    intake = KafkaIntake(cfg, metrics, device)
+    intake = intake if intake is not None else KafkaIntake(cfg, metrics, device)
     accounting = StepAccounting(Progress(), metrics, cfg.train.agreement_window, device, on_done=intake.end_step)
     persistence = Persistence(cfg, learner, checkpoints, snapshots, metrics, teacher_sha256=sha,
                               manifest=functools.partial(manifest, cfg, num_classes, teacher_info))

@@ -45,6 +45,7 @@ class Persistence:
         self._snap: Future | None = None
         self._initial: tuple[dict, dict] | None = None  # rollback target before the first checkpoint
         self.ckpt_step = self.snap_step = 0
+        self._ckpt_covers: tuple[int, dict[int, int]] | None = None  # (step, offsets) of the newest checkpoint
         self.ckpt_t = self.snap_t = time.monotonic()
 
     # -- start ---------------------------------------------------------------------------------
@@ -102,6 +103,7 @@ class Persistence:
                         offsets={self.cfg.kafka.topic: dict(prog.offsets)}, student=weights, optimizer=opt,
                         extra=dict(self.lineage))
         self._ckpt = self.writer.submit(self._write_checkpoint, st)
+        self._ckpt_covers = (prog.step, dict(prog.offsets))
         if sync:
             self._wait("_ckpt", "checkpoint")
 
@@ -166,8 +168,9 @@ class Persistence:
     def close(self, prog: Progress) -> None:
         """Keep what was trained: a final checkpoint (and commit), a final snapshot, then stop the writer."""
         try:
-            if prog.offsets:
+            if prog.offsets and self._ckpt_covers != (prog.step, prog.offsets):
                 self.checkpoint(prog, sync=True)
+            self._wait("_ckpt", "checkpoint")
             if (prog.step > self.snap_step or not self.snapshots.versions()) and prog.step > 0:
                 self.snapshot(prog, sync=True)
             self._wait("_snap", "snapshot")

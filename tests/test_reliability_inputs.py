@@ -150,6 +150,58 @@ def test_decoder_crash_is_quarantined_not_crash_looped(broker, topic, tmp_path, 
     assert "died while decoding partition" in log and "decoder_crash" in log
 
 
+# ------------------------------------------------------------------ a record that crashes the training step
+
+@pytest.mark.parametrize("how, exit_code", [("raise", 1), ("abort", -6)])
+def test_training_crash_is_dead_lettered_not_crash_looped(broker, topic, tmp_path, daemon_factory, how, exit_code):
+    """A record that takes the process down inside the training step (an exception, or a signal), every time
+    it is trained. Restarted like Kubernetes would: after 3 crashes in a row with it in the batch, the records
+    of that batch go to the DLQ as train_crash and the daemon moves on; everything else is trained once."""
+    n, poison_at, poison_value = 900, 400, 251
+    values = [tiny_npy(i, poison_value) if i == poison_at else tiny_npy(i) for i in range(n)]
+    counts = produce_values(broker.bootstrap, topic, values)
+    port = free_port()
+    config = write_config(tmp_path, broker.bootstrap, topic, port, **FAST)
+    crash_on = f"{poison_value}:abort" if how == "abort" else str(poison_value)
+    env = hooks_env(tmp_path, STREAMKD_TEST_STEP_CRASH_ON=crash_on)
+
+    crashes = 0
+    for start in range(8):  # the supervisor (a Deployment's restart loop)
+        d = daemon_factory(config, port, env=env)
+        deadline = time.monotonic() + 60
+        while d.proc.poll() is None and time.monotonic() < deadline:
+            if d.metric("streamkd_messages_rejected_total", 'reason="train_crash"'):
+                break
+            time.sleep(0.25)
+        if d.proc.poll() is None:
+            break
+        assert d.proc.returncode == exit_code, d.tail()
+        crashes += 1
+    else:
+        pytest.fail(f"still crashing after {crashes} restarts")
+    assert crashes == 3, crashes
+    wait_committed(d, broker.bootstrap, topic, counts, timeout=60)
+    assert d.stop() == 0, d.tail()
+    dead = dlq_sources(broker.bootstrap, topic)
+    assert where(poison_at) in {src for src, _ in dead}
+    assert {reason for _, reason in dead} == {"train_crash"}
+    assert 1 <= len(dead) <= FAST["train"]["batch_size"], dead  # at most the batch it crashed in
+    assert_exactly_once(tmp_path, broker.bootstrap, topic, counts, trained=n - len(dead))
+    log = "".join(p.read_text() for p in tmp_path.glob("daemon-*.log"))
+    assert "died while training partition" in log
+
+
+def test_a_missing_teacher_file_stops_the_start_with_a_clear_error(tmp_path):
+    """Not tied to data: no crash journal, no retry loop, exit 2 naming the file."""
+    missing = tmp_path / "no-such-teacher.safetensors"
+    r = subprocess.run([sys.executable, "-m", "streamkd", "run", "--set", f"teacher.weights={missing}",
+                        "--set", f"checkpoint.dir={tmp_path}/ck", "--set", f"snapshot.dir={tmp_path}/sn"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert str(missing) in r.stderr
+    assert not (tmp_path / "ck" / "train-journal.json").exists()
+
+
 # ------------------------------------------------------------------ hostile sizes
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

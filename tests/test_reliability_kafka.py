@@ -136,7 +136,9 @@ def hooks_env(tmp_path: Path, **env: str) -> dict[str, str]:
 
     STREAMKD_TEST_ABORT_ON=<hex>: abort (SIGABRT, like a native decoder crash) when
     decoding a value that starts with those bytes. STREAMKD_TEST_SLOW_STEP_S=<s>: sleep
-    in every training step. Nothing of this exists in the daemon's own code.
+    in every training step. STREAMKD_TEST_STEP_CRASH_ON=<pixel>[:abort]: the training step raises
+    (or, with ``:abort``, aborts the process) when the batch holds an image filled with that value.
+    Nothing of this exists in the daemon's own code.
     """
     hooks = tmp_path / "hooks"
     hooks.mkdir(exist_ok=True)
@@ -162,6 +164,20 @@ def hooks_env(tmp_path: Path, **env: str) -> dict[str, str]:
                 time.sleep(_delay)
                 return _step(self, *a, **k)
             _l.Learner.step = _slow
+        if os.environ.get("STREAMKD_TEST_STEP_CRASH_ON"):
+            import resource
+            import streamkd.learner as _l
+            _value, _, _how = os.environ["STREAMKD_TEST_STEP_CRASH_ON"].partition(":")
+            _real_step = _l.Learner.step
+            def _crashing(self, images, *a, **k):
+                flat = images.reshape(images.shape[0], -1)
+                if bool(((flat == int(_value)).all(dim=1)).any()):
+                    if _how == "abort":
+                        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                        os.abort()
+                    raise RuntimeError("the training step failed on this batch")
+                return _real_step(self, images, *a, **k)
+            _l.Learner.step = _crashing
     '''))
     path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path, **env}
