@@ -31,6 +31,7 @@ from .batcher import Batch, Batcher
 from .checkpoint import CheckpointStore, TrainState, is_finite_state
 from .config import Config
 from .decode import Limits, Rejected
+from .fsutil import lock_dirs
 from .learner import S, InputSpec, Learner, Teacher, precision_name, resolve_device, resolve_precision
 from .metrics import Metrics
 from .quarantine import DecodeJournal
@@ -102,6 +103,7 @@ class Parts:
 
 def build(cfg: Config, registry: CollectorRegistry | None = None) -> Parts:
     """Load the teacher and student, open the stores. Raises on anything that should stop the start."""
+    lock_dirs(cfg.checkpoint.dir, cfg.snapshot.dir)  # one daemon per state directory: DirLockedError otherwise
     if "onnx" in cfg.snapshot.formats:
         try:
             import onnx  # noqa: F401
