@@ -224,7 +224,8 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
     server = HttpServer(cfg.metrics.host, cfg.metrics.port, parts.registry,
                         healthy=lambda: warming.is_set() or time.monotonic() - heartbeat[0] < 120,
                         ready=lambda: source.ready and not warming.is_set(), snapshots=parts.snapshots,
-                        token=cfg.metrics.snapshot_token)
+                        token=cfg.metrics.snapshot_token, max_connections=cfg.metrics.max_connections,
+                        request_timeout_s=cfg.metrics.request_timeout_s)
     server.start()
     log.info("HTTP on http://%s:%d (/metrics /healthz /readyz /v1/snapshots/latest)", cfg.metrics.host, server.port)
     try:
