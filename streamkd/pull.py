@@ -41,6 +41,7 @@ from .fsutil import (
     remove_tree,
     sha256_file,
 )
+from .export import SnapshotError, check_manifest_model_spec
 from .snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, safe_name
 
 __all__ = ["MAX_FILE_BYTES", "TOKEN_ENV", "AuthError", "PullError", "TransientError", "pull_once", "register", "watch"]
@@ -240,6 +241,11 @@ def _validate(manifest: Any, url: str) -> tuple[int, dict[str, str]]:
             raise PullError(f"{url}: manifest lists an unsafe file name {name!r}")
         if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
             raise PullError(f"{url}: manifest sha256 of {name!r} is malformed: {sha!r}")
+    student = manifest.get("student")
+    try:  # what rebuilds the student from this mirror must never be told to load a model file
+        check_manifest_model_spec(student.get("model") if isinstance(student, dict) else None, url)
+    except SnapshotError as e:
+        raise PullError(str(e)) from None
     return v, files
 
 

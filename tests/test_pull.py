@@ -317,3 +317,17 @@ def test_version_going_backwards_is_refused(daemon, tmp_path) -> None:
     finally:
         server.stop()
     assert (dest / "LATEST").read_text() == "1\n"
+
+
+@pytest.mark.parametrize("model", ["/srv/models/evil.pt2", "evil.ts", "streamkd:x.pt", None])
+def test_manifest_naming_a_model_file_is_refused(tmp_path, model) -> None:
+    class Fake:
+        def open(self, req, data=None, timeout=None):
+            assert req.full_url.endswith("/v1/snapshots/latest"), "nothing but the manifest may be fetched"
+            m = manifest(3) | {"version": 3, "files": {MODEL_FILE: "0" * 64}}
+            m["student"]["model"] = model
+            return _Canned(json.dumps(m).encode())
+
+    with pytest.raises(PullError, match="student.model .* is refused"):
+        pull_once("http://daemon.invalid", tmp_path / "d", opener=Fake())
+    assert os.listdir(tmp_path / "d") == []
