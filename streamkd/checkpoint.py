@@ -4,14 +4,15 @@ Layout (one folder per checkpoint, newest = highest step)::
 
     <dir>/step-000000001200/
         state.pt      # torch.save({"student": ..., "optimizer": ...})
-        meta.json     # step, samples_seen, offsets, extra, sha256 of state.pt
+        meta.json     # step, samples_seen, offsets, extra, sha256 of state.pt, sha256 of itself
 
 Exactly-once hinges on this module: the daemon commits Kafka offsets only
 after `save` returns, so `save` returns only once the data *and* the rename
 are on disk. A checkpoint that fails any check on load (bad meta, checksum
-mismatch, unpicklable or non-tensor content) is skipped in favour of the
-previous one. `state.pt` is read with `torch.load(weights_only=True)` only:
-a crafted file can fail to load, never run code.
+mismatch, unpicklable or non-tensor content; a meta.json that is damaged in
+any way, even into other valid JSON) is skipped in favour of the previous
+one. `state.pt` is read with `torch.load(weights_only=True)` only: a crafted
+file can fail to load, never run code.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ __all__ = ["CheckpointError", "CheckpointStore", "TrainState", "is_finite_state"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"step-(\d{12})")
 _STATE, _META = "state.pt", "meta.json"
+_MAX_META_BYTES = 16 << 20  # offsets of a few thousand partitions fit many times over
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PARTITION = re.compile(r"0|[1-9][0-9]{0,9}")
 log = logging.getLogger(__name__)
 
 
@@ -77,10 +81,50 @@ def _check_offsets(offsets: object) -> dict[str, dict[int, int]]:
             raise CheckpointError(f"offsets[{topic!r}] is not an object")
         out[topic] = {}
         for p, off in parts.items():
+            if not isinstance(p, str) or not _PARTITION.fullmatch(p):
+                raise CheckpointError(f"offsets[{topic!r}] has a partition {p!r} that is not a non-negative integer")
             if isinstance(off, bool) or not isinstance(off, int) or off < 0:
                 raise CheckpointError(f"offsets[{topic!r}][{p!r}] is not a non-negative integer")
             out[topic][int(p)] = off
     return out
+
+
+def _meta_digest(meta: dict) -> str:
+    """sha256 of meta.json's content without its own digest (canonical JSON: key order and spacing fixed)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _read_meta(path: Path) -> dict:
+    """Parse and check meta.json of the checkpoint folder `path`; CheckpointError for any damage."""
+    try:
+        with open(path / _META, "rb") as f:
+            raw = f.read(_MAX_META_BYTES + 1)
+    except FileNotFoundError:
+        raise CheckpointError("meta.json missing") from None
+    if len(raw) > _MAX_META_BYTES:
+        raise CheckpointError(f"meta.json is larger than {_MAX_META_BYTES} bytes")
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"meta.json does not parse: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError("meta.json is not an object")
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+        # Older checkpoints have no digest; a damaged one that still parses is caught here.
+        raise CheckpointError("meta.json sha256 mismatch (damaged)")
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"meta.json has unknown format {meta.get('format')!r}")
+    for key in ("step", "samples_seen"):
+        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < 0:
+            raise CheckpointError(f"meta.json: {key} is not a non-negative integer")
+    if _NAME.fullmatch(path.name) and int(path.name[len("step-"):]) != meta["step"]:
+        raise CheckpointError(f"meta.json: step {meta['step']} does not match the folder name")
+    if not isinstance(meta.get("sha256"), str) or not _SHA256.fullmatch(meta["sha256"]):
+        raise CheckpointError("meta.json: sha256 of state.pt is missing or malformed")
+    if not isinstance(meta.get("extra", {}), dict):
+        raise CheckpointError("meta.json: extra is not an object")
+    return meta
 
 
 class CheckpointStore:
@@ -140,6 +184,7 @@ class CheckpointStore:
         data = buf.getbuffer()
         meta["sha256"] = hashlib.sha256(data).hexdigest()
         meta["size"] = len(data)
+        meta["meta_sha256"] = _meta_digest(meta)
 
         with self._lock:
             final = self.directory / _dir_name(state.step)
@@ -194,23 +239,9 @@ class CheckpointStore:
     def load(self, path: str | Path) -> TrainState:
         """Load and fully verify one checkpoint folder; raises CheckpointError when unusable."""
         path = Path(path)
-        try:
-            meta = json.loads((path / _META).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError("meta.json missing") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"meta.json does not parse: {e}") from None
-        if not isinstance(meta, dict):
-            raise CheckpointError("meta.json is not an object")
-        if meta.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"meta.json has unknown format {meta.get('format')!r}")
-        for key in ("step", "samples_seen"):
-            if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int):
-                raise CheckpointError(f"meta.json: {key} is not an integer")
+        meta = _read_meta(path)
         offsets = _check_offsets(meta.get("offsets"))
         extra = meta.get("extra", {})
-        if not isinstance(extra, dict):
-            raise CheckpointError("meta.json: extra is not an object")
         try:
             data = (path / _STATE).read_bytes()  # read once: the bytes we hash are the bytes we load
         except FileNotFoundError:

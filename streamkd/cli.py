@@ -13,6 +13,7 @@ from typing import Callable
 
 from . import __version__
 from .config import ConfigError, load_config
+from .fsutil import DirLockedError
 from .logs import setup_logging
 
 log = logging.getLogger("streamkd")
@@ -68,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("streamkd %s starting; config sha256 %s", __version__, cfg.sha256()[:12])
     try:
         parts = daemon.build(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad model spec or weights: a start-up problem
+    except (ValueError, FileNotFoundError, DirLockedError) as e:  # bad model, weights, or state dir in use
         raise UsageError(f"cannot start: {e}") from e
     daemon.run(parts, stop)
     return 0

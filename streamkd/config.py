@@ -145,6 +145,8 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9400
     snapshot_token: Optional[str] = None  # bearer token required on /v1/snapshots when set
+    max_connections: int = 64  # open HTTP connections; more are answered 503 and closed
+    request_timeout_s: float = 300.0  # longest one request may take, a snapshot download included
 
 
 @dataclass(frozen=True)
@@ -238,8 +240,10 @@ def load_config(
     for item in overrides:
         dotted, sep, raw = item.partition("=")
         if not sep or not dotted.strip():
-            raise ConfigError(dotted.strip(), f"--set expects KEY=VALUE, got {item!r}")
+            shown = "an argument that names a secret" if _looks_secret(item) else repr(item)
+            raise ConfigError(dotted.strip() if sep else "", f"--set expects KEY=VALUE, got {shown}")
         _set_dotted(merged, dotted.strip(), _parse_scalar(dotted.strip(), raw))
+    _check_token_given(merged)
     cfg = _build(Config, merged, "")
     validate(cfg)
     return cfg
@@ -257,10 +261,32 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
 
 
 def _parse_scalar(key: str, raw: str) -> Any:
+    """An env/--set value: YAML, except for secrets, which are taken exactly as typed
+    (YAML would turn ``0123`` into 83, ``null``/``~`` into no value and cut ``abc #x`` at the ``#``)."""
+    if key in SECRET_KEYS:
+        return raw
     try:
         return yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
+        if _is_secret_key(key):  # the parser's message quotes the text
+            raise ConfigError(key, f"value is not valid YAML ({type(e).__name__})") from None
         raise ConfigError(key, f"value {raw!r} is not valid YAML: {e}") from None
+
+
+def _is_secret_key(dotted: str) -> bool:
+    """A key whose value must never appear in a message: the secret settings, and look-alikes (typos, extra)."""
+    return dotted in SECRET_KEYS or _looks_secret(dotted.rsplit(".", 1)[-1])
+
+
+def _check_token_given(merged: Mapping[str, Any]) -> None:
+    """An explicitly empty or null token is a mistake (an unset variable?), never "no authentication":
+    leaving the key out is how snapshots are served without a token."""
+    metrics = merged.get("metrics")
+    if isinstance(metrics, Mapping) and "snapshot_token" in metrics:
+        value = metrics["snapshot_token"]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ConfigError("metrics.snapshot_token", "is empty; set a token, or leave the key out to serve "
+                                                        "snapshots without one")
 
 
 def _deep_merge(dst: dict, src: Mapping) -> None:
@@ -300,6 +326,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if key in SECRET_KEYS and value is not None and not isinstance(value, str):
+        raise ConfigError(key, f"must be a string (quote it in YAML), got a {type(value).__name__}")
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -311,44 +339,46 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _coerce(inner[0], value, key)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(key, f"invalid value {_show(value)}. Valid: {', '.join(map(str, args))}")
+            raise ConfigError(key, f"invalid value {_show(value, key)}. Valid: {', '.join(map(str, args))}")
         return value
     if origin is tuple:
         if tp is tuple[int, int] or args == (int, int):
             if isinstance(value, int) and not isinstance(value, bool):
                 value = [value, value]  # input_size: 224 means 224×224
             if not isinstance(value, (list, tuple)) or len(value) != 2:
-                raise ConfigError(key, f"expected an int or [height, width], got {_show(value)}")
+                raise ConfigError(key, f"expected an int or [height, width], got {_show(value, key)}")
             return tuple(_coerce(int, v, key) for v in value)
         if not isinstance(value, (list, tuple)):
             value = [value]
         return tuple(_coerce(args[0], v, key) for v in value)
     if origin in (Mapping, dict, collections.abc.Mapping) or tp is Mapping:
         if not isinstance(value, Mapping):
-            raise ConfigError(key, f"expected a mapping, got {_show(value)}")
+            raise ConfigError(key, f"expected a mapping, got {_show(value, key)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(key, f"expected true or false, got {_show(value)}")
+        raise ConfigError(key, f"expected true or false, got {_show(value, key)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(key, f"expected an integer, got {_show(value)}")
+        raise ConfigError(key, f"expected an integer, got {_show(value, key)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(key, f"expected a number, got {_show(value)}")
+        raise ConfigError(key, f"expected a number, got {_show(value, key)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(key, f"expected a string, got {_show(value)}")
+        raise ConfigError(key, f"expected a string, got {_show(value, key)}")
     if tp is Any:
         return value
     raise ConfigError(key, f"unsupported setting type {tp}")  # pragma: no cover - a bug in this module
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, key: str = "") -> str:
+    if _is_secret_key(key):
+        return f"a {type(value).__name__}"  # never the value itself
     return f"{value!r} ({type(value).__name__})"
 
 
@@ -408,6 +438,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.device", f"invalid value {t.device!r}. Valid: auto, cpu, cuda, cuda:N")
     _positive(cfg, "checkpoint", "every_steps", "every_seconds", "keep")
     _positive(cfg, "snapshot", "every_steps", "every_seconds", "keep")
+    token = cfg.metrics.snapshot_token
+    if token is not None and (not token.strip() or token != token.strip()):
+        raise ConfigError("metrics.snapshot_token", "must be non-empty, without leading or trailing whitespace")
+    _positive(cfg, "metrics", "max_connections", "request_timeout_s")
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError("metrics.port", f"must be in 0..65535 (0: any free port), got {cfg.metrics.port}")
 

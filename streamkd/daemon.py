@@ -35,6 +35,7 @@ from .accounting import Progress, Reporter, StepAccounting
 from .batcher import Batch
 from .checkpoint import CheckpointStore
 from .config import Config
+from .fsutil import lock_dirs
 from .health import Health
 from .intake import KafkaIntake
 from .learner import InputSpec, Learner, Teacher, precision_name, resolve_device, resolve_precision
@@ -84,6 +85,7 @@ def build(cfg: Config, registry: CollectorRegistry | None = None, *, intake: Kaf
     ``intake`` replaces the Kafka intake (anything with its methods: tests feed batches from memory).
     Raises on anything that should stop the start.
     """
+    lock_dirs(cfg.checkpoint.dir, cfg.snapshot.dir)  # one daemon per state directory: DirLockedError otherwise
     if "onnx" in cfg.snapshot.formats:
         try:
             import onnx  # noqa: F401
@@ -129,7 +131,8 @@ def build(cfg: Config, registry: CollectorRegistry | None = None, *, intake: Kaf
                               manifest=functools.partial(manifest, cfg, num_classes, teacher_info))
     health = Health(metrics, lambda: intake.ready)
     server = HttpServer(cfg.metrics.host, cfg.metrics.port, registry, healthy=health.alive, ready=health.ready,
-                        snapshots=snapshots, token=cfg.metrics.snapshot_token)
+                        snapshots=snapshots, token=cfg.metrics.snapshot_token,
+                        max_connections=cfg.metrics.max_connections, request_timeout_s=cfg.metrics.request_timeout_s)
     return Parts(cfg, device, teacher, learner, teacher_info, num_classes, checkpoints, snapshots, metrics, registry,
                  intake, accounting, persistence, health, server)
 

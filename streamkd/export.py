@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -36,6 +37,7 @@ __all__ = [
     "ONNX_OPSET",
     "OUTPUT_NAME",
     "SnapshotError",
+    "check_manifest_model_spec",
     "export_model",
     "load_student",
     "register",
@@ -124,6 +126,25 @@ def student_geometry(student: dict) -> tuple[int, int, int]:
     return c, h, w
 
 
+# streamkd:NAME or torchvision:NAME, nothing else: no dots (so no file suffix), no path separators.
+_MANIFEST_MODEL = re.compile(r"(streamkd|torchvision):[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def check_manifest_model_spec(spec: object, where: str) -> str:
+    """`spec` (a manifest's ``student.model``) when it names a built-in model; SnapshotError otherwise.
+
+    A snapshot is data that may come from another host. A model *file* spec
+    (``.pt2``, TorchScript) would be loaded to rebuild the student, and loading
+    one runs code, so a manifest may only name ``streamkd:NAME`` or
+    ``torchvision:NAME``. `where` (a path or URL) goes into the message.
+    """
+    if not isinstance(spec, str) or not _MANIFEST_MODEL.fullmatch(spec):
+        shown = repr(spec) if len(repr(spec)) <= 80 else repr(spec)[:77] + "..."
+        raise SnapshotError(f"{where}: student.model {shown} is refused: a snapshot's model must be a "
+                            "streamkd:NAME or torchvision:NAME model (a model file runs code when it is loaded)")
+    return spec
+
+
 def load_student(snapshot_dir: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a snapshot's student (eval mode, CPU) after checking every file's sha256.
 
@@ -133,8 +154,7 @@ def load_student(snapshot_dir: str | Path) -> tuple[nn.Module, dict]:
     vdir = resolve_version_dir(snapshot_dir)
     manifest = read_manifest(vdir, verify=True)
     s = manifest["student"]
-    if not isinstance(s.get("model"), str):
-        raise SnapshotError(f"{vdir / MANIFEST_FILE}: student.model missing")
+    check_manifest_model_spec(s.get("model"), str(vdir / MANIFEST_FILE))
     c, h, w = student_geometry(s)
     model = build_model(s["model"], s.get("num_classes"), in_channels=c, input_size=(h, w))
     try:

@@ -5,6 +5,9 @@ The rule everywhere: write under a temporary name in the *same* directory
 over the final name, then fsync the directory. Only the directory fsync
 makes the rename itself survive a power loss; fsyncing the file alone
 persists its bytes but not the name pointing at them.
+
+`lock_dirs` makes a state directory (checkpoints, snapshots) belong to one
+process at a time.
 """
 
 from __future__ import annotations
@@ -13,9 +16,16 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
-__all__ = ["atomic_publish_dir", "atomic_write_bytes", "fsync_dir", "fsync_tree", "remove_tree", "sha256_file"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: no directory locks
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LOCK_FILE", "DirLockedError", "atomic_publish_dir", "atomic_write_bytes", "fsync_dir", "fsync_tree",
+           "lock_dirs", "remove_tree", "sha256_file", "unlock_dirs"]
 
 _CHUNK = 1 << 20
 
@@ -105,3 +115,82 @@ def atomic_publish_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
         remove_tree(tmp_dir)
         raise
     fsync_dir(final_dir.parent)
+
+
+# ---- one process per state directory ------------------------------------------------
+
+LOCK_FILE = ".streamkd.lock"
+
+# flock(2) locks belong to an open file: a second open of the same lock file in this
+# process would conflict with the first. So a process takes each lock once and keeps
+# it (the kernel releases it when the process exits, however it exits).
+_held: dict[str, int] = {}
+_held_guard = threading.Lock()
+
+
+class DirLockedError(RuntimeError):
+    """Another process holds the state directory's lock (the message names the folder and its pid)."""
+
+    def __init__(self, directory: Path, pid: int | None) -> None:
+        holder = f"pid {pid}" if pid is not None else "a process that has not written its pid yet"
+        super().__init__(f"{directory} is in use by another streamkd daemon ({holder}, lock file "
+                         f"{directory / LOCK_FILE}); point this one at its own state directory, or stop that one")
+        self.directory, self.pid = directory, pid
+
+
+def lock_dirs(*directories: str | Path) -> None:
+    """Hold an exclusive lock on each directory (created if missing) for the rest of this process's life.
+
+    The lock is a `flock` on ``<directory>/.streamkd.lock``, which holds the owner's pid. A lock this
+    process already holds is taken again without effect. Raises DirLockedError when another process
+    holds one; the locks this call took are released then.
+    """
+    taken: list[Path] = []
+    try:
+        for d in directories:
+            if _lock(Path(d)):
+                taken.append(Path(d))
+    except BaseException:
+        unlock_dirs(*taken)
+        raise
+
+
+def unlock_dirs(*directories: str | Path) -> None:
+    """Release locks taken by `lock_dirs` in this process (no-op for those not held)."""
+    for d in directories:
+        with _held_guard:
+            fd = _held.pop(os.path.realpath(d), None)
+        if fd is not None:
+            os.close(fd)  # closing releases the flock
+
+
+def _lock(directory: Path) -> bool:
+    """Lock one directory; False when this process held it already."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(directory)
+    with _held_guard:
+        if key in _held or fcntl is None:
+            return False
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise DirLockedError(directory, pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The pid is only for the message a second process prints; the flock is the lock.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[key] = fd
+    return True
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None

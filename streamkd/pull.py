@@ -41,6 +41,7 @@ from .fsutil import (
     remove_tree,
     sha256_file,
 )
+from .export import SnapshotError, check_manifest_model_spec
 from .snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, safe_name
 
 __all__ = ["MAX_FILE_BYTES", "TOKEN_ENV", "AuthError", "PullError", "TransientError", "pull_once", "register", "watch"]
@@ -48,6 +49,8 @@ __all__ = ["MAX_FILE_BYTES", "TOKEN_ENV", "AuthError", "PullError", "TransientEr
 TOKEN_ENV = "STREAMKD_SNAPSHOT_TOKEN"
 MAX_FILE_BYTES = 2 << 30  # refuse anything bigger: a student snapshot is megabytes, not gigabytes
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_FILES = 64  # a snapshot holds a handful: weights, manifest, exported models and their companions
+DEADLINE_S = 900.0  # one whole pull (manifest and every file); a slow or dripping server cannot hold it longer
 ETAGS_FILE = ".etags.json"
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -105,17 +108,29 @@ def _is_loopback(host: str) -> bool:
 class _Client:
     """GETs below one base URL with the bearer token; maps HTTP failures onto our errors."""
 
-    def __init__(self, base_url: str, token: str | None, opener: Opener | None, timeout: float) -> None:
+    def __init__(self, base_url: str, token: str | None, opener: Opener | None, timeout: float,
+                 deadline_s: float = float("inf")) -> None:
         if not re.match(r"https?://", base_url):
             raise ValueError(f"URL must start with http:// or https://, got {base_url!r}")
         self.base = base_url.rstrip("/")
         self.token = token
         self.opener = opener or make_opener(base_url)
         self.timeout = timeout
+        self.deadline_s = deadline_s
+        self.deadline = time.monotonic() + deadline_s  # for everything this client fetches
+
+    def check_deadline(self, what: str) -> float:
+        """Seconds left before the deadline; TransientError once it has passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TransientError(f"{what}: the pull took longer than its deadline of {self.deadline_s:.0f} s")
+        return left
 
     @contextlib.contextmanager
     def get(self, path: str, etag: str | None = None) -> Iterator[Any | None]:
         """Yields the open 200 response, or None for a 304 (when `etag` was sent)."""
+        # Each socket read waits at most this long, so a silent server cannot outlast the deadline either.
+        timeout = min(self.timeout, self.check_deadline(self.base + path))
         req = urllib.request.Request(self.base + path, method="GET")
         if self.token:
             # Unredirected: never forwarded to another host (redirects are refused anyway).
@@ -123,7 +138,7 @@ class _Client:
         if etag:
             req.add_header("If-None-Match", etag)
         try:
-            resp = self.opener.open(req, timeout=self.timeout)
+            resp = self.opener.open(req, timeout=timeout)
         except urllib.error.HTTPError as e:
             e.close()
             if e.code == 304 and etag:
@@ -144,20 +159,30 @@ class _Client:
             yield resp
 
 
-def _read_limited(resp: Any, limit: int, what: str, sink: Callable[[bytes], None]) -> int:
-    """Stream `resp` into `sink`, refusing more than `limit` bytes or a short body; returns the size."""
+def _read_limited(resp: Any, limit: int, what: str, sink: Callable[[bytes], None],
+                  check_deadline: Callable[[str], float] | None = None) -> int:
+    """Stream `resp` into `sink`, refusing more than `limit` bytes or a short body; returns the size.
+
+    `check_deadline(what)` runs before every read (it raises once time is up).
+    """
     length = resp.headers.get("Content-Length")
     declared = None
     if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise PullError(f"{what}: bad Content-Length {length!r}") from None
+        if not (isinstance(length, str) and length.isdigit() and len(length) <= 19):
+            raise PullError(f"{what}: bad Content-Length {length[:40]!r}")
+        declared = int(length)
         if declared > limit:
             raise PullError(f"{what}: {declared:,} bytes exceeds the limit of {limit:,}")
+    # read1 returns whatever one socket read brings, so a server dripping bytes meets the deadline check.
+    read = getattr(resp, "read1", None) or resp.read
     got = 0
     try:
-        while chunk := resp.read(_CHUNK):
+        while True:
+            if check_deadline is not None:
+                check_deadline(what)
+            chunk = read(_CHUNK)
+            if not chunk:
+                break
             got += len(chunk)
             if got > limit:
                 raise PullError(f"{what}: more than the limit of {limit:,} bytes")
@@ -234,12 +259,19 @@ def _validate(manifest: Any, url: str) -> tuple[int, dict[str, str]]:
         raise PullError(f"{url}: manifest version {v!r} is not a positive integer")
     if not isinstance(files, dict) or MODEL_FILE not in files:
         raise PullError(f"{url}: manifest has no files map listing {MODEL_FILE}")
+    if len(files) > MAX_FILES:
+        raise PullError(f"{url}: manifest lists {len(files)} files, more than the limit of {MAX_FILES}")
     for name, sha in files.items():
         # A name becomes a path under DIR: only plain names ('..', '/', NUL, dot files are refused).
         if not safe_name(name) or name == MANIFEST_FILE:
             raise PullError(f"{url}: manifest lists an unsafe file name {name!r}")
         if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-            raise PullError(f"{url}: manifest sha256 of {name!r} is malformed: {sha!r}")
+            raise PullError(f"{url}: manifest sha256 of {name!r} is malformed: {repr(sha)[:80]}")
+    student = manifest.get("student")
+    try:  # what rebuilds the student from this mirror must never be told to load a model file
+        check_manifest_model_spec(student.get("model") if isinstance(student, dict) else None, url)
+    except SnapshotError as e:
+        raise PullError(str(e)) from None
     return v, files
 
 
@@ -262,6 +294,7 @@ def pull_once(
     keep: int | None = None,
     max_bytes: int = MAX_FILE_BYTES,
     timeout: float = 30.0,
+    deadline_s: float = DEADLINE_S,
 ) -> int | None:
     """Bring `dest` up to the daemon's newest snapshot; returns the newest version in `dest`
     (None when the daemon has published none yet and `dest` holds none).
@@ -269,8 +302,9 @@ def pull_once(
     Raises AuthError (401/403), TransientError (worth a retry) or PullError
     (refused: checksum, size, malformed manifest); `dest` is unchanged then.
     `keep`: prune to the newest `keep` versions after publishing (None: keep all).
+    `timeout` bounds each socket read, `deadline_s` the whole pull (then TransientError).
     """
-    client = _Client(base_url, token, opener, timeout)
+    client = _Client(base_url, token, opener, timeout, deadline_s)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     with _dir_lock(dest):
@@ -287,15 +321,17 @@ def pull_once(
                 if resp is None:  # 304: the daemon's newest is the one we already have
                     return _finish(dest, int(latest["version"]), keep)
                 raw = bytearray()
-                _read_limited(resp, MAX_MANIFEST_BYTES, f"{client.base}/v1/snapshots/latest", raw.extend)
-                manifest_etag = resp.headers.get("ETag")
+                _read_limited(resp, MAX_MANIFEST_BYTES, f"{client.base}/v1/snapshots/latest", raw.extend,
+                              client.check_deadline)
+                manifest_etag = _etag(resp)
         except _NotFound as e:  # nothing published yet (or this daemon serves no snapshots)
             log.debug("%s", e)
             return _newest(dest)
         try:
             manifest = json.loads(bytes(raw))
-        except ValueError as e:
-            raise PullError(f"{client.base}/v1/snapshots/latest: not JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser allows
+            raise PullError(f"{client.base}/v1/snapshots/latest: not JSON: {type(e).__name__}: "
+                            f"{str(e)[:200]}") from None
         version, files = _validate(manifest, f"{client.base}/v1/snapshots/latest")
 
         newest = _newest(dest)
@@ -370,8 +406,16 @@ def _fetch(client: _Client, url_path: str, path: Path, etag: str | None, local: 
             log.debug("%s not modified; reusing %s", url_path, local)
             return etag, True
         with open(path, "wb") as f:
-            _read_limited(resp, max_bytes, client.base + url_path, f.write)
-        return resp.headers.get("ETag"), False
+            _read_limited(resp, max_bytes, client.base + url_path, f.write, client.check_deadline)
+        return _etag(resp), False
+
+
+def _etag(resp: Any) -> str | None:
+    """The response's ETag when it is one we can store and send back (short, printable ASCII)."""
+    tag = resp.headers.get("ETag")
+    if isinstance(tag, str) and 0 < len(tag) <= 256 and tag.isascii() and tag.isprintable():
+        return tag
+    return None
 
 
 def _save_etags(dest: Path, etags: dict) -> None:
@@ -422,39 +466,48 @@ def watch(
     min_backoff: float = 1.0,
     max_backoff: float = 60.0,
     on_version: Callable[[int], None] | None = None,
+    deadline_s: float = DEADLINE_S,
 ) -> None:
     """pull_once every `interval` seconds until `stop` is set.
 
-    Connection trouble and 5xx are retried with exponential backoff
-    (`min_backoff` doubling up to `max_backoff` seconds); a refused snapshot is
-    logged and tried again next interval (the daemon may publish a good one);
-    AuthError raises. `on_version(v)` is called when the newest local version changes.
+    Connection trouble, 5xx and pulls past `deadline_s` are retried with
+    exponential backoff (`min_backoff` doubling up to `max_backoff` seconds); a
+    refused snapshot is logged and tried again next interval (the daemon may
+    publish a good one); AuthError raises. Nothing else a server answers stops
+    the watch: an unexpected failure is logged with its traceback and retried
+    with backoff. `on_version(v)` is called when the newest local version changes.
     """
     stop = stop or threading.Event()
     backoff, last_error, last_version = min_backoff, "", None
     while not stop.is_set():
+        unexpected: Exception | None = None
         try:
-            v = pull_once(base_url, dest, token, opener, keep=keep)
+            v = pull_once(base_url, dest, token, opener, keep=keep, deadline_s=deadline_s)
         except AuthError:
             raise
         except TransientError as e:
-            if str(e) != last_error:
-                log.warning("%s; retrying in %.0f s", e, backoff)
-            last_error = str(e)
-            stop.wait(backoff)
-            backoff = min(backoff * 2, max_backoff)
-            continue
+            problem = str(e)
         except PullError as e:
             if str(e) != last_error:  # once per distinct problem, not every interval
                 log.error("%s", e)
             last_error = str(e)
+            stop.wait(interval)
+            continue
+        except Exception as e:  # noqa: BLE001 - a watcher outlives any one bad answer
+            problem, unexpected = f"pull failed: {type(e).__name__}: {e}", e
         else:
             backoff, last_error = min_backoff, ""
             if v is not None and v != last_version:
                 last_version = v
                 if on_version is not None:
                     on_version(v)
-        stop.wait(interval)
+            stop.wait(interval)
+            continue
+        if problem != last_error:
+            log.warning("%s; retrying in %.0f s", problem, backoff, exc_info=unexpected)
+        last_error = problem
+        stop.wait(backoff)
+        backoff = min(backoff * 2, max_backoff)
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -470,16 +523,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--interval", type=float, default=10.0, metavar="S",
                    help="seconds between polls (default: %(default)s)")
     p.add_argument("--keep", type=int, default=5, metavar="K", help="versions kept in DIR (default: %(default)s)")
+    p.add_argument("--deadline", type=float, default=DEADLINE_S, metavar="S",
+                   help="seconds one pull (manifest and every file) may take (default: %(default)s)")
     p.add_argument("--token", default=None, metavar="T",
                    help=f"bearer token for the snapshot routes (default: ${TOKEN_ENV})")
     p.set_defaults(func=_main)
 
 
-def _pull_retrying(url: str, dest: Path, token: str | None, keep: int, attempts: int = 3) -> int | None:
+def _pull_retrying(url: str, dest: Path, token: str | None, keep: int, deadline_s: float = DEADLINE_S,
+                   attempts: int = 3) -> int | None:
     """One-shot pull; a transient failure (connection, 5xx, a version pruned meanwhile) is retried twice."""
     for attempt in range(attempts):
         try:
-            return pull_once(url, dest, token, keep=keep)
+            return pull_once(url, dest, token, keep=keep, deadline_s=deadline_s)
         except TransientError as e:
             if attempt == attempts - 1:
                 raise
@@ -497,6 +553,9 @@ def _main(args: argparse.Namespace) -> int:
     if not args.interval > 0:
         print(f"streamkd pull: --interval must be > 0, got {args.interval}", file=sys.stderr)
         return 2
+    if not args.deadline > 0:
+        print(f"streamkd pull: --deadline must be > 0, got {args.deadline}", file=sys.stderr)
+        return 2
     if not re.match(r"https?://", args.url):
         print(f"streamkd pull: URL must start with http:// or https://, got {args.url!r}", file=sys.stderr)
         return 2
@@ -508,9 +567,9 @@ def _main(args: argparse.Namespace) -> int:
     try:
         if args.watch:
             watch(args.url, args.dir, interval=args.interval, keep=args.keep, token=token,
-                  on_version=lambda v: print(f"{args.dir / str(v)}", flush=True))
+                  on_version=lambda v: print(f"{args.dir / str(v)}", flush=True), deadline_s=args.deadline)
             return 0
-        v = _pull_retrying(args.url, args.dir, token, args.keep)
+        v = _pull_retrying(args.url, args.dir, token, args.keep, args.deadline)
     except KeyboardInterrupt:
         return 0
     except AuthError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -33,9 +35,35 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 _CHUNK = 1 << 20
 
 
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections\n")
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client never blocks shutdown
     app: HttpServer
+
+    def process_request(self, request, client_address) -> None:
+        # Runs on the accepting thread: one thread per admitted connection, and no more than the cap.
+        if not self.app._admit():
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)  # a fresh socket's send buffer is empty: this does not block
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start: give the slot back
+            self.app._release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.app._release()
 
 
 class _Server6(_Server):
@@ -47,7 +75,24 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for scrapers; every response sets Content-Length
     server_version = "streamkd"
     sys_version = ""
-    timeout = 30  # idle/slow clients release their thread (the stdlib bounds line and header sizes)
+    timeout = 30  # per socket read/write; the whole request is bounded by the app's request_timeout_s
+
+    def setup(self) -> None:
+        self.timeout = min(self.timeout, self.server.app.request_timeout_s)
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        # The deadline covers reading the request (a client dripping header bytes), handling it and
+        # writing the response (a client that stops reading a download); the reaper cuts the socket.
+        app = self.server.app
+        app._deadlines.watch(self.connection, app.request_timeout_s)
+        try:
+            super().handle_one_request()
+        finally:
+            if app._deadlines.unwatch(self.connection):
+                self.close_connection = True
+                app.logger.warning("closed a connection from %s: request exceeded metrics.request_timeout_s "
+                                   "(%.0f s)", self.address_string(), app.request_timeout_s)
 
     def __getattr__(self, name: str):
         # BaseHTTPRequestHandler answers 501 for methods it has no do_X for; the
@@ -79,6 +124,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._route(head)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except OSError:
+            if not self.server.app._deadlines.expired(self.connection):
+                raise
+            self.close_connection = True  # cut by the reaper mid-response
         except Exception:
             self.server.app.logger.exception("error serving %s", self.path)
             if self._sent:
@@ -201,8 +250,66 @@ class _Handler(BaseHTTPRequestHandler):
                 shutil.copyfileobj(f, self.wfile, _CHUNK)  # streamed: constant memory for big models
 
 
+class _Deadlines:
+    """Shuts down sockets whose request ran past its deadline, from one background thread."""
+
+    def __init__(self) -> None:
+        self._due: dict[socket.socket, float] = {}
+        self._cut: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._due[sock] = time.monotonic() + seconds
+            self._cut.discard(sock)
+
+    def unwatch(self, sock: socket.socket) -> bool:
+        """Stop watching; True when the deadline had passed and the socket was cut."""
+        with self._lock:
+            self._due.pop(sock, None)
+            cut = sock in self._cut
+            self._cut.discard(sock)
+            return cut
+
+    def expired(self, sock: socket.socket) -> bool:
+        with self._lock:
+            return sock in self._cut
+
+    def start(self, tick: float) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(tick,), name="streamkd-http-reaper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._thread = None
+
+    def _run(self, tick: float) -> None:
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, due in self._due.items() if due <= now]
+                for s in late:
+                    del self._due[s]
+                    self._cut.add(s)
+            for s in late:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)  # wakes the handler's blocked read or write with EOF / an error
+                except OSError:
+                    pass  # already closed by its handler
+
+
 class HttpServer:
-    """Serves metrics, health and snapshots on one port from a daemon thread."""
+    """Serves metrics, health and snapshots on one port from a daemon thread.
+
+    At most `max_connections` connections are served at once (more are answered
+    503 and closed), and each request, from its first byte to its last response
+    byte, must finish within `request_timeout_s` seconds or its connection is cut.
+    """
 
     def __init__(
         self,
@@ -215,15 +322,43 @@ class HttpServer:
         snapshots: SnapshotStore | None,
         token: str | None = None,
         logger: logging.Logger | None = None,
+        max_connections: int = 64,
+        request_timeout_s: float = 300.0,
     ) -> None:
+        if token is not None and not token.strip():
+            raise ValueError("token must be None (no authentication) or a non-empty string")
+        if max_connections < 1 or not request_timeout_s > 0:
+            raise ValueError(f"max_connections must be >= 1 and request_timeout_s > 0, got {max_connections}, "
+                             f"{request_timeout_s}")
         self.host, self._port = host, port
         self.registry = registry
         self.healthy, self.ready = healthy, ready
         self.snapshots = snapshots
-        self._token = token.encode() if token else None
+        self._token = token.encode() if token is not None else None
         self.logger = logger or logging.getLogger(__name__)
+        self.max_connections, self.request_timeout_s = max_connections, request_timeout_s
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._last_busy_log = float("-inf")
+        self._deadlines = _Deadlines()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    def _admit(self) -> bool:
+        with self._active_lock:
+            if self._active < self.max_connections:
+                self._active += 1
+                return True
+        now = time.monotonic()
+        if now - self._last_busy_log >= 60:  # once a minute, not once per refused connection
+            self._last_busy_log = now
+            self.logger.warning("refusing HTTP connections: %d open, the limit (metrics.max_connections)",
+                                self.max_connections)
+        return False
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active -= 1
 
     def authorized(self, header: str | None) -> bool:
         """True when no token is configured or `header` is 'Bearer <token>'."""
@@ -245,7 +380,13 @@ class HttpServer:
             target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="streamkd-http", daemon=True
         )
         self._thread.start()
+        self._deadlines.start(tick=min(1.0, self.request_timeout_s / 4))
         self.logger.info("serving http on %s:%d", self.host, self.port)
+        bound = httpd.server_address[0]
+        if self.snapshots is not None and self._token is None and not _is_loopback(bound):
+            self.logger.warning(
+                "snapshot files (the student's weights) are served without a token on %s (%s), reachable from "
+                "other hosts: set metrics.snapshot_token, or bind metrics.host to 127.0.0.1", self.host, bound)
 
     @property
     def port(self) -> int:
@@ -258,6 +399,15 @@ class HttpServer:
             return
         self._httpd.shutdown()
         self._httpd.server_close()
+        self._deadlines.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._httpd = self._thread = None
+
+
+def _is_loopback(address: str) -> bool:
+    """True for a bound address only this host can reach (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False

@@ -225,6 +225,7 @@ def test_refuses_pickled_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (evil / "state.pt").write_bytes(buf.getvalue())
     meta = json.loads((evil / "meta.json").read_text())
     meta["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    meta["meta_sha256"] = ckpt_mod._meta_digest(meta)  # a crafted file is consistent (damage is what it catches)
     (evil / "meta.json").write_text(json.dumps(meta))
 
     loaded = store.load_latest()
@@ -287,3 +288,81 @@ def test_rejects_non_json_extra_before_writing(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         store.save(state)
     assert list(tmp_path.iterdir()) == []
+
+
+def _edit_meta(edit):
+    def corrupt(d: Path) -> None:
+        meta = json.loads((d / "meta.json").read_text())
+        edit(meta)
+        (d / "meta.json").write_text(json.dumps(meta))
+    return corrupt
+
+
+def _set(key, value):
+    return _edit_meta(lambda m: m.__setitem__(key, value))
+
+
+def _raw_meta(data: bytes):
+    def corrupt(d: Path) -> None:
+        (d / "meta.json").write_bytes(data)
+    return corrupt
+
+
+def _digit_flipped(meta: dict) -> None:
+    meta["offsets"]["images"]["0"] += 1  # still valid JSON, still plausible: only the digest tells
+
+
+DAMAGED_META = [
+    _raw_meta(b"[" * 200_000 + b"]" * 200_000),  # nesting deeper than the parser's recursion limit
+    _raw_meta(b"\xff\xfe{}"),
+    _raw_meta(b"[]"),
+    _raw_meta(b'{"format": 1, "step": 3, "samples_seen": 96, "offsets": {}, "sha256": "' + b"0" * 64 + b'"}' +
+              b" " * (17 << 20)),  # too big to read
+    _edit_meta(_digit_flipped),
+]
+# Damage that is wrong in itself: refused whether or not a digest vouches for it (older checkpoints have none).
+INVALID_META = [
+    _edit_meta(lambda m: m["offsets"]["images"].__setitem__("x", 1)),  # partition key not a number
+    _edit_meta(lambda m: m["offsets"]["images"].__setitem__("-1", 1)),
+    _edit_meta(lambda m: m.__setitem__("offsets", [1, 2])),
+    _set("step", 2),  # not the folder's step
+    _set("step", "3"),
+    _set("samples_seen", -5),
+    _set("sha256", None),
+    _set("extra", [1]),
+    _set("format", 99),
+]
+
+
+def _strip_digest(d: Path) -> None:
+    meta = json.loads((d / "meta.json").read_text())
+    del meta["meta_sha256"]
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("corrupt, strip", [(c, False) for c in DAMAGED_META + INVALID_META]
+                         + [(c, True) for c in INVALID_META])
+def test_damaged_meta_falls_back_to_the_previous_checkpoint(tmp_path: Path, corrupt, strip) -> None:
+    seen: list[tuple[Path, str]] = []
+    store = CheckpointStore(tmp_path, keep=3, on_fallback=lambda p, r: seen.append((p, r)))
+    good = make_state(2)
+    store.save(make_state(1))
+    store.save(good)
+    newest = store.save(make_state(3))
+    corrupt(newest)
+    if strip:
+        _strip_digest(newest)
+    loaded = store.load_latest()
+    assert loaded is not None
+    assert_same(loaded, good)
+    assert [p for p, _ in seen] == [newest] and seen[0][1]
+
+
+def test_meta_without_digest_still_loads(tmp_path: Path) -> None:
+    # Checkpoints written before meta.json carried its own digest stay usable.
+    store = CheckpointStore(tmp_path)
+    path = store.save(make_state(4))
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["meta_sha256"]
+    (path / "meta.json").write_text(json.dumps(meta, indent=2))
+    assert_same(store.load_latest(), make_state(4))

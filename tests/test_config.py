@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -108,3 +109,55 @@ def test_cli_exit_code_2_names_key(tmp_path):
     assert r.returncode == 2 and "kafka.bogus" in r.stderr
     r = subprocess.run([sys.executable, "-m", "streamkd", "frobnicate"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
+
+
+@pytest.mark.parametrize("typed", ["0123", "null", "~", "abc #x", "true", "1e3", "[a, b]", "{k: v}", " padded"])
+def test_secrets_from_set_and_env_stay_as_typed(typed):
+    # Values for the other keys are YAML; a secret is exactly the characters given.
+    cfg = load_config(None, [f"kafka.sasl_plain_password={typed}", "kafka.security_protocol=SASL_SSL",
+                             "kafka.sasl_mechanism=PLAIN"], env={})
+    assert cfg.kafka.sasl_plain_password == typed
+    assert load_config(None, env={"STREAMKD_KAFKA__SSL_PASSWORD": typed}).kafka.ssl_password == typed
+    if typed.strip() == typed:  # a token may not carry whitespace around it (checked below)
+        assert load_config(None, [f"metrics.snapshot_token={typed}"], env={}).metrics.snapshot_token == typed
+        env = {"STREAMKD_METRICS__SNAPSHOT_TOKEN": typed}
+        assert load_config(None, env=env).metrics.snapshot_token == typed
+
+
+@pytest.mark.parametrize("how", [
+    {"overrides": ["metrics.snapshot_token="]},
+    {"env": {"STREAMKD_METRICS__SNAPSHOT_TOKEN": ""}},
+    {"yaml": "metrics:\n  snapshot_token:\n"},
+    {"yaml": "metrics:\n  snapshot_token: null\n"},
+    {"yaml": "metrics:\n  snapshot_token: ''\n"},
+    {"overrides": ["metrics.snapshot_token=  "]},
+])
+def test_empty_or_null_token_is_an_error_not_auth_off(tmp_path, how):
+    path = write(tmp_path, how["yaml"]) if "yaml" in how else None
+    with pytest.raises(ConfigError) as e:
+        load_config(path, how.get("overrides", ()), env=how.get("env", {}))
+    assert e.value.key == "metrics.snapshot_token"
+    # Leaving the key out is the way to serve snapshots without a token.
+    assert load_config(None, env={}).metrics.snapshot_token is None
+
+
+def test_config_errors_never_show_a_secret(tmp_path):
+    secret = "hunter2-very-secret"
+    cases = [
+        (write(tmp_path, f"metrics:\n  snapshot_token: [{secret}]\n"), (), {}),  # wrong type from the file
+        (write(tmp_path, "metrics:\n  snapshot_token: 12345\n"), (), {}),  # a number: quote it
+        (None, [f"metrics.snapshot_token={secret} "], {}),  # trailing whitespace
+        (None, [f"metrics.snapshot_tokn={secret}"], {}),  # a typo: unknown key
+        (None, [f"kafka.sasl_plain_password:{secret}"], {}),  # ':' for '='
+        (None, (), {"STREAMKD_KAFKA__SASL_PASSWORD": f"[{secret}"}),  # a typo, and invalid YAML
+    ]
+    for path, overrides, env in cases:
+        with pytest.raises(ConfigError) as e:
+            load_config(path, overrides, env=env)
+        assert secret not in str(e.value) and "12345" not in str(e.value), str(e.value)
+
+
+def test_cli_empty_token_exits_2_without_echo():
+    r = subprocess.run([sys.executable, "-m", "streamkd", "run", "--print-config"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "STREAMKD_METRICS__SNAPSHOT_TOKEN": ""})
+    assert r.returncode == 2 and "metrics.snapshot_token" in r.stderr, r.stderr

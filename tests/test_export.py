@@ -229,3 +229,38 @@ def test_onnx_falls_back_to_the_torchscript_exporter(student, tmp_path, monkeypa
     assert report["exporter"] == "torch.onnx (torchscript)"
     assert report["dynamic_batch"] and report["max_abs_diff"] < 1e-4
     assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("spec", ["FILE", "model.pt2", "streamkd:lenet5.pt2", "torchvision:../../x", "file:/x.ts",
+                                  "streamkd:lenet5\n", None, 7])
+def test_manifest_naming_a_model_file_is_never_loaded(tmp_path, monkeypatch, capsys, spec) -> None:
+    from streamkd import models
+
+    # A real TorchScript file: loading one runs whatever code it was saved with.
+    ts_file = tmp_path / "student.ts"
+    lenet = build_model("streamkd:lenet5", 10, in_channels=1, input_size=(28, 28)).eval()
+    torch.jit.save(torch.jit.trace(lenet, torch.zeros(SHAPE)), str(ts_file))
+    loaded: list[str] = []
+
+    def record(spec, *args, **kwargs):
+        loaded.append(spec)
+        raise AssertionError(f"loaded model file {spec}")
+
+    monkeypatch.setattr(models, "_build_file_model", record)
+    monkeypatch.setattr(torch.jit, "load", record)
+    monkeypatch.setattr(torch.export, "load", record)
+    root = tmp_path / "snap"
+    SnapshotStore(root).publish(lenet.state_dict(), daemon_manifest(str(ts_file) if spec == "FILE" else spec))
+
+    with pytest.raises(SnapshotError, match="student.model .* is refused"):
+        load_student(root)
+    assert cli.main(["export", str(root), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "is refused" in capsys.readouterr().err
+    assert cli.main(["eval", str(root), "--no-teacher", "--limit", "8"]) == 2
+    assert "is refused" in capsys.readouterr().err
+    assert loaded == [] and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("spec", ["streamkd:lenet5", "torchvision:mobilenet_v3_small", "torchvision:resnet18"])
+def test_manifest_model_names_are_accepted(spec) -> None:
+    assert export_mod.check_manifest_model_spec(spec, "manifest.json") == spec

@@ -317,3 +317,125 @@ def test_version_going_backwards_is_refused(daemon, tmp_path) -> None:
     finally:
         server.stop()
     assert (dest / "LATEST").read_text() == "1\n"
+
+
+@pytest.mark.parametrize("model", ["/srv/models/evil.pt2", "evil.ts", "streamkd:x.pt", None])
+def test_manifest_naming_a_model_file_is_refused(tmp_path, model) -> None:
+    class Fake:
+        def open(self, req, data=None, timeout=None):
+            assert req.full_url.endswith("/v1/snapshots/latest"), "nothing but the manifest may be fetched"
+            m = manifest(3) | {"version": 3, "files": {MODEL_FILE: "0" * 64}}
+            m["student"]["model"] = model
+            return _Canned(json.dumps(m).encode())
+
+    with pytest.raises(PullError, match="student.model .* is refused"):
+        pull_once("http://daemon.invalid", tmp_path / "d", opener=Fake())
+    assert os.listdir(tmp_path / "d") == []
+
+
+class _Streamed(_Canned):
+    """A body of `n` bytes produced on demand, with no Content-Length (so only the running count can stop it)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(b"")
+        del self.headers["Content-Length"]
+        self._left = n
+
+    def read(self, n: int = -1) -> bytes:
+        k = min(self._left, n if n > 0 else self._left)
+        self._left -= k
+        return b"[" * k
+
+
+class _Broken(_Canned):
+    def read(self, n: int = -1) -> bytes:
+        raise ValueError("I/O operation on closed file")  # what a torn-down response can raise
+
+
+def _bad_answers() -> list:
+    ok = manifest(3) | {"version": 3}
+    return [
+        _Canned(b"[" * 100_000 + b"]" * 100_000),  # deeper than the JSON parser can recurse
+        _Canned(b'{"version": 3, "files": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+        _Canned(b"[]"),
+        _Canned(b"null"),
+        _Canned(json.dumps({"version": "3", "files": {}}).encode()),
+        _Canned(json.dumps({"version": 3, "files": [MODEL_FILE]}).encode()),
+        _Canned(json.dumps({"version": 3, "files": {MODEL_FILE: 5}}).encode()),
+        _Canned(json.dumps(ok | {"files": {MODEL_FILE: "0" * 64}, "student": "lenet"}).encode()),
+        _Canned(json.dumps(ok | {"files": {f"f{i}": "0" * 64 for i in range(10_000)} | {MODEL_FILE: "0" * 64}
+                                 }).encode()),
+        _Canned(b"\xff\xfe\x00garbage"),
+        _Streamed(64 << 20),  # a huge body: cut at the manifest limit
+        _Broken(b""),
+    ]
+
+
+def test_watch_survives_any_malformed_answer(daemon, tmp_path) -> None:
+    store, url = daemon
+    publish(store, seed=1, step=10)
+    bad = _bad_answers()
+
+    class Hostile(Recorder):
+        def open(self, req, data=None, timeout=None):
+            if bad and req.full_url.endswith("/latest"):
+                resp = bad.pop(0)
+                resp.headers["ETag"] = '"x' + "\x7f" * 300 + '"'  # unusable ETags are not stored either
+                return resp
+            return super().open(req, data, timeout)
+
+    stop = threading.Event()
+    seen: list[int] = []
+    t = threading.Thread(target=watch, args=(url, tmp_path / "serving"), daemon=True,
+                         kwargs={"interval": 0.01, "keep": 2, "stop": stop, "opener": Hostile(),
+                                 "min_backoff": 0.01, "max_backoff": 0.02,
+                                 "on_version": lambda v: (seen.append(v), stop.set())})
+    t.start()
+    t.join(timeout=60)
+    stop.set()
+    assert not t.is_alive() and seen == [1], (seen, len(bad))
+    assert bad == []  # every bad answer was met, and the watch went on to the good one
+    assert (tmp_path / "serving" / "LATEST").read_text() == "1\n"
+
+
+def test_a_dripping_server_cannot_outlast_the_deadline(tmp_path) -> None:
+    import http.server
+
+    body = b"x" * 40
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path.endswith("/latest"):
+                m = manifest(1) | {"version": 1, "files": {MODEL_FILE: hashlib.sha256(body).hexdigest()}}
+                raw = json.dumps(m).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for b in body:  # each byte well within the per-read timeout; all of them far past the deadline
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(0.25)
+            except OSError:  # the client gave up: that is the point
+                pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransientError, match="deadline"):
+            pull_once(f"http://127.0.0.1:{srv.server_address[1]}", tmp_path / "d", timeout=5, deadline_s=1.0)
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert [n for n in os.listdir(tmp_path / "d") if not n.startswith(".")] == []

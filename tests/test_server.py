@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -236,3 +238,81 @@ def test_stop_releases_port(store: SnapshotStore) -> None:
     srv.stop()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def _serve(store: SnapshotStore | None, host: str = "127.0.0.1", **kwargs) -> HttpServer:
+    server = HttpServer(host, 0, CollectorRegistry(), healthy=lambda: True, ready=lambda: True, snapshots=store,
+                        **kwargs)
+    server.start()
+    return server
+
+
+@pytest.mark.parametrize("host, token, snapshots, warned", [
+    ("0.0.0.0", None, True, True),
+    ("0.0.0.0", TOKEN, True, False),
+    ("0.0.0.0", None, False, False),  # nothing to download there
+    ("127.0.0.1", None, True, False),
+    ("localhost", None, True, False),
+])
+def test_untokened_snapshots_on_a_reachable_address_warn_at_start(store, caplog, host, token, snapshots,
+                                                                   warned) -> None:
+    with caplog.at_level(logging.WARNING, logger="streamkd.server"):
+        srv = _serve(store if snapshots else None, host, token=token)
+        srv.stop()
+    hits = [r for r in caplog.records if r.levelno == logging.WARNING and "without a token" in r.getMessage()]
+    assert bool(hits) == warned, [r.getMessage() for r in caplog.records]
+
+
+def test_empty_token_is_refused_not_auth_off(store) -> None:
+    for bad in ("", "  "):
+        with pytest.raises(ValueError, match="token"):
+            HttpServer("127.0.0.1", 0, CollectorRegistry(), healthy=lambda: True, ready=lambda: True,
+                       snapshots=store, token=bad)
+
+
+def test_connections_over_the_cap_get_503_and_slots_come_back(store) -> None:
+    srv = _serve(store, max_connections=2)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+        time.sleep(0.3)  # both accepted and holding a thread, waiting for a request line
+        status, _, body = request(srv, "/healthz")
+        assert (status, body) == (503, b"too many connections\n")
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 5
+        while request(srv, "/healthz")[0] != 200:
+            assert time.monotonic() < deadline, "slots were not released"
+            time.sleep(0.05)
+    finally:
+        srv.stop()
+
+
+def test_request_time_is_bounded_even_for_a_client_dripping_headers(store, caplog) -> None:
+    srv = _serve(store, request_timeout_s=1.0)
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        closed = False
+        caplog.set_level(logging.WARNING, logger="streamkd.server")
+        while time.monotonic() - t0 < 6:  # each byte comes well within the per-read timeout
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+                s.settimeout(0.2)
+                if s.recv(1024) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:  # reset: cut as well
+                closed = True
+                break
+        elapsed = time.monotonic() - t0
+        s.close()
+        assert closed and elapsed < 3.0, elapsed
+        while not any("request_timeout_s" in r.getMessage() for r in caplog.records):  # logged by the handler
+            assert time.monotonic() - t0 < 8, "no warning about the cut connection"
+            time.sleep(0.05)
+        assert request(srv, "/healthz")[0] == 200  # the server itself is fine
+    finally:
+        srv.stop()
