@@ -182,6 +182,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
         learner.load_state(state.student, state.optimizer)
         prog.step, prog.samples_seen = state.step, state.samples_seen
         prog.offsets = dict(state.offsets.get(topic, {}))
+        metrics.checkpoint_restored(parts.checkpoints.list()[0].stat().st_mtime)
         log.info("resumed from checkpoint step %d (%d samples); offsets %s", prog.step, prog.samples_seen,
                  prog.offsets)
     initial = None if state is not None else learner.state()  # rollback target before any checkpoint
@@ -308,7 +309,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
             # checkpoint would be the rollback target: never write one; roll back instead.
             rollback(f"student weights are not finite at step {prog.step}")
             return
-        pending_ckpt = writer.submit(write_checkpoint, st)
+        pending_ckpt = metrics.watch_write(writer.submit(write_checkpoint, st), "checkpoint")
         if sync:
             _result(pending_ckpt, "checkpoint")
             pending_ckpt = None
@@ -333,7 +334,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                       if cfg.snapshot.formats else None)
         manifest = _manifest(cfg, parts, prog)
         last_snap_step, last_snap_t = prog.step, time.monotonic()
-        pending_snap = writer.submit(publish, weights, manifest, model_copy)
+        pending_snap = metrics.watch_write(writer.submit(publish, weights, manifest, model_copy), "snapshot")
         if sync:
             _result(pending_snap, "snapshot")
             pending_snap = None
