@@ -58,6 +58,9 @@ COUNTERS = {
     "streamkd_checkpoints_written_total",
     "streamkd_checkpoint_fallbacks_total",
     "streamkd_rollbacks_total",
+    "streamkd_kafka_errors_total",
+    "streamkd_checkpoint_write_failures_total",
+    "streamkd_snapshot_write_failures_total",
 }
 GAUGES = {
     "streamkd_kd_loss",
@@ -75,32 +78,49 @@ HISTOGRAMS = {
     "streamkd_train_step_seconds",
     "streamkd_batch_wait_seconds",
 }
-METRICS = COUNTERS | GAUGES | HISTOGRAMS
-METRIC_LABELS = {"partition", "reason", "version", "torch", "device", "le", "job", "instance"}
+# Exposed only by daemons that train on CUDA (streamkd.metrics.CudaMemoryCollector).
+CUDA_GAUGES = {"streamkd_gpu_memory_allocated_bytes", "streamkd_gpu_memory_reserved_bytes"}
+# prometheus_client's process collector on the daemon's registry, and kafka-exporter's broker-side lag.
+PROCESS_METRICS = {"process_resident_memory_bytes", "process_cpu_seconds_total"}
+EXPORTER_METRICS = {"kafka_consumergroup_lag"}
+METRICS = COUNTERS | GAUGES | HISTOGRAMS | CUDA_GAUGES | PROCESS_METRICS | EXPORTER_METRICS
+METRIC_LABELS = {"partition", "reason", "op", "version", "torch", "device", "le", "job", "instance",
+                 "consumergroup", "topic"}
+# Grafana template variables the panel queries use, and what "All" expands to.
+DASHBOARD_VARIABLES = {"instance": ".+", "consumergroup": ".+"}
 
 REQUIRED_ALERTS = {
     "StreamkdDown", "StreamkdConsumerLagGrowing", "StreamkdAgreementDropping",
     "StreamkdNoSnapshot", "StreamkdRejectionRateHigh", "StreamkdUpdatesSkipped",
-    "StreamkdNotReady",
+    "StreamkdNotReady", "StreamkdAbsent", "StreamkdCheckpointStale", "StreamkdCheckpointWriteFailing",
+    "StreamkdSnapshotWriteFailing", "StreamkdKafkaErrors", "StreamkdRollback",
 }
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def dashboard_exprs(path: Path = DASHBOARD) -> list[tuple[str, str]]:
+def dashboard_exprs(path: Path = DASHBOARD, variables: dict[str, str] | None = None,
+                    raw: bool = False) -> list[tuple[str, str]]:
     """(panel title, PromQL expr) for every query of every panel in a Grafana dashboard.
 
-    Rows' nested panels are included. Queries use literal `[1m]` windows and no template
-    variables, so they can be sent to Prometheus verbatim.
+    Rows' nested panels are included. Template variables (`$instance`, `$consumergroup`) are
+    replaced by `variables` (default: what Grafana's "All" sends), so the queries can be sent to
+    Prometheus as Grafana would; `raw=True` keeps them as written.
     """
     dashboard = json.loads(path.read_text())
+    values = {**DASHBOARD_VARIABLES, **(variables or {})}
     out: list[tuple[str, str]] = []
+
+    def expand(expr: str) -> str:
+        for name, value in values.items():
+            expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
+        return expr
 
     def walk(panels: list[dict]) -> None:
         for panel in panels:
             for target in panel.get("targets", []):
-                out.append((panel["title"], target["expr"]))
+                out.append((panel["title"], target["expr"] if raw else expand(target["expr"])))
             walk(panel.get("panels", []))
 
     walk(dashboard["panels"])
@@ -108,9 +128,9 @@ def dashboard_exprs(path: Path = DASHBOARD) -> list[tuple[str, str]]:
 
 
 def metric_names(expr: str) -> set[str]:
-    """The contract metric names an expression reads (histogram series map to their base)."""
+    """The metric names an expression reads (histogram series map to their base)."""
     names = set()
-    for name in re.findall(r"\bstreamkd_[a-z_]+\b", expr):
+    for name in re.findall(r"\b(?:streamkd|process|python|kafka)_[a-z_]+\b", expr):
         for suffix in ("_bucket", "_sum", "_count"):
             if name.endswith(suffix) and name[: -len(suffix)] in HISTOGRAMS:
                 name = name[: -len(suffix)]
@@ -732,6 +752,7 @@ def test_alerts_are_complete_and_each_is_tested_firing_and_silent():
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert rule["annotations"]["runbook_url"] == f"README.md#{name.lower()}", name
         unknown = {m for m in metric_names(rule["expr"]) if m not in METRICS}
         assert not unknown, f"{name} reads unknown metrics {unknown}"
 
@@ -741,6 +762,26 @@ def test_alerts_are_complete_and_each_is_tested_firing_and_silent():
         mine = [c for c in cases if c["alertname"] == name]
         assert any(c["exp_alerts"] for c in mine), f"{name}: no case where it fires"
         assert any(not c["exp_alerts"] for c in mine), f"{name}: no case where it stays silent"
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_links_a_runbook_section_that_says_what_to_do():
+    readme = (ROOT / "README.md").read_text()
+    runbook = readme.split("\n## Runbook\n", 1)[1].split("\n## ", 1)[0]
+    sections = dict(re.findall(r"^### (.+)\n((?:(?!^### ).*\n?)*)", runbook, flags=re.M))
+    by_anchor = {_github_anchor(h): body for h, body in sections.items()}
+    assert "## Runbook" in readme.split("## Contents", 1)[1].split("\n## ", 1)[0] or "(#runbook)" in readme
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            path, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+            assert (ROOT / path).resolve() == (ROOT / "README.md").resolve(), rule["alert"]
+            assert anchor in by_anchor, f"{rule['alert']}: README has no Runbook section #{anchor}"
+            assert len(by_anchor[anchor].split()) >= 25, f"#{anchor} says too little"
+            assert re.search(r"`[^`]+`", by_anchor[anchor]), f"#{anchor} names no command or metric"
 
 
 # --------------------------------------------------------------------------- Grafana
@@ -756,22 +797,104 @@ def test_contract_metrics_are_what_the_daemon_exposes():
     Metrics(registry)
     suffix = {"counter": "_total", "info": "_info"}
     types = {f.name + suffix.get(f.type, ""): f.type for f in registry.collect()}
-    assert METRICS <= set(types), f"not exposed by the daemon: {sorted(METRICS - set(types))}"
+    own = METRICS - CUDA_GAUGES - EXPORTER_METRICS
+    assert own <= set(types), f"not exposed by the daemon: {sorted(own - set(types))}"
     assert all(types[name] == "counter" for name in COUNTERS)
     assert all(types[name] == "histogram" for name in HISTOGRAMS)
+    assert not CUDA_GAUGES & set(types), "GPU memory series on a CPU daemon"
 
 
-def test_dashboard_panels_have_queries_on_the_prometheus_datasource():
-    dashboard = json.loads(DASHBOARD.read_text())
+def test_daemon_registry_has_the_process_platform_and_gc_collectors():
+    from prometheus_client import CollectorRegistry
+
+    from streamkd.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    assert registry.get_sample_value("process_resident_memory_bytes") > 1 << 20
+    assert registry.get_sample_value("process_cpu_seconds_total") > 0
+    families = {f.name for f in registry.collect()}
+    assert {"python_info", "python_gc_collections"} <= families, families
+    assert registry.get_sample_value("python_gc_collections_total", {"generation": "0"}) is not None
+
+
+def test_write_failures_are_counted_per_kind_and_only_on_failure():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client import CollectorRegistry
+
+    from streamkd.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    def fail():
+        raise OSError(28, "No space left on device")
+
+    with ThreadPoolExecutor(1) as pool:
+        futures = [metrics.watch_write(pool.submit(fail), "checkpoint"),
+                   metrics.watch_write(pool.submit(lambda: None), "checkpoint"),
+                   metrics.watch_write(pool.submit(fail), "snapshot"),
+                   metrics.watch_write(pool.submit(fail), "snapshot"),
+                   metrics.watch_write(pool.submit(lambda: None), "snapshot")]
+    assert [f.exception() is not None for f in futures] == [True, False, True, True, False]
+    assert registry.get_sample_value("streamkd_checkpoint_write_failures_total") == 1
+    assert registry.get_sample_value("streamkd_snapshot_write_failures_total") == 2
+
+
+def test_checkpoint_time_is_restored_not_counted():
+    from prometheus_client import CollectorRegistry
+
+    from streamkd.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    assert registry.get_sample_value("streamkd_last_checkpoint_timestamp_seconds") == 0
+    metrics.checkpoint_restored(1_700_000_000.0)
+    assert registry.get_sample_value("streamkd_last_checkpoint_timestamp_seconds") == 1_700_000_000.0
+    assert registry.get_sample_value("streamkd_checkpoints_written_total") == 0
+
+
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_has_datasource_and_instance_variables():
+    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name, metric in (("instance", "streamkd_build_info"), ("consumergroup", "kafka_consumergroup_lag")):
+        var = variables[name]
+        assert var["type"] == "query" and var["datasource"]["uid"] == "${datasource}"
+        assert var["query"]["query"] == f"label_values({metric}, {name})"
+        assert var["multi"] and var["includeAll"] and var["allValue"] == DASHBOARD_VARIABLES[name]
+    assert set(variables) == {"datasource"} | set(DASHBOARD_VARIABLES)
+
+
+def test_dashboard_panels_have_queries_on_the_selected_datasource():
+    dashboard = _dashboard()
     assert dashboard["uid"] == "streamkd-overview"
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     for panel in panels:
         assert panel["targets"], f"panel {panel['title']!r} has no query"
-        assert panel["datasource"]["uid"] == "prometheus", panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         for target in panel["targets"]:
             assert target["expr"].strip(), panel["title"]
-            assert target.get("datasource", panel["datasource"])["uid"] == "prometheus"
+            assert target.get("datasource", panel["datasource"])["uid"] == "${datasource}"
+
+
+def test_dashboard_queries_are_per_instance():
+    """Every selector of a daemon metric is filtered by the instance variable and every
+    aggregation keeps `instance`, so several daemons are never summed into one line."""
+    for title, expr in dashboard_exprs(raw=True):
+        for name, matchers in re.findall(r"\b((?:streamkd|process|kafka)_[a-z_]+)(\{[^}]*\})?", expr):
+            wanted = 'consumergroup=~"$consumergroup"' if name in EXPORTER_METRICS else 'instance=~"$instance"'
+            assert wanted in matchers, f"{title}: {name} without {wanted} in {expr}"
+        for labels in re.findall(r"\bsum\s+by\s*\(([^)]*)\)", expr):
+            used = {label.strip() for label in labels.split(",")}
+            assert "instance" in used or "consumergroup" in used, f"{title}: sum drops the instance: {expr}"
+        assert not re.search(r"\bsum\s*\(", expr), f"{title}: sum over every daemon: {expr}"
 
 
 def test_dashboard_queries_read_only_contract_metrics():
@@ -779,13 +902,13 @@ def test_dashboard_queries_read_only_contract_metrics():
     read = set()
     for title, expr in exprs:
         names = metric_names(expr)
-        assert names, f"{title}: {expr} reads no streamkd metric"
+        assert names, f"{title}: {expr} reads no metric"
         assert names <= METRICS, f"{title}: unknown metrics {names - METRICS} in {expr}"
         for labels in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
             used = {label.strip() for label in labels.split(",") if label.strip()}
             assert used <= METRIC_LABELS, f"{title}: unknown labels {used - METRIC_LABELS}"
         read |= names
-    # what an operator looks at: throughput, quality, input health, latency, lineage
+    # what an operator looks at: throughput, quality, input health, latency, lineage, resources
     required = {
         "streamkd_samples_trained_total", "streamkd_messages_consumed_total",
         "streamkd_teacher_agreement_ratio", "streamkd_label_accuracy_ratio", "streamkd_kd_loss",
@@ -793,18 +916,34 @@ def test_dashboard_queries_read_only_contract_metrics():
         "streamkd_updates_skipped_total", "streamkd_teacher_inference_seconds",
         "streamkd_train_step_seconds", "streamkd_last_snapshot_version",
         "streamkd_last_snapshot_timestamp_seconds", "streamkd_last_checkpoint_timestamp_seconds",
-    }
+        "streamkd_kafka_errors_total", "streamkd_checkpoint_write_failures_total",
+        "streamkd_snapshot_write_failures_total", "kafka_consumergroup_lag",
+    } | PROCESS_METRICS | CUDA_GAUGES
     assert required <= read, f"no panel shows {sorted(required - read)}"
     for metric in ("streamkd_teacher_inference_seconds", "streamkd_train_step_seconds"):
         for q in ("0.5", "0.95"):
-            assert any(f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket[1m])))" in e
-                       for _, e in exprs), f"no p{q} of {metric}"
+            assert any(f"histogram_quantile({q}, sum by (instance, le) (rate({metric}_bucket{{" in e
+                       for _, e in dashboard_exprs(raw=True)), f"no p{q} of {metric}"
+
+
+def test_dashboard_age_panels_hide_the_zero_timestamp():
+    """Before the first checkpoint/snapshot the timestamp is 0: the age panels show nothing,
+    not decades."""
+    for title, expr in dashboard_exprs():
+        for metric in ("streamkd_last_checkpoint_timestamp_seconds", "streamkd_last_snapshot_timestamp_seconds"):
+            if f"time() - ({metric}" in expr:
+                assert re.search(metric + r"\{[^}]*\} > 0\)", expr), f"{title}: {expr}"
+    ages = [e for _, e in dashboard_exprs() if e.startswith("time() - (")]
+    assert len(ages) >= 2
 
 
 def test_dashboard_queries_answer_within_seconds_of_start():
-    """Literal windows of at most 1m and no template variables: a live daemon answers soon."""
+    """Literal windows of at most 1m and no variables but the dashboard's own: a live daemon answers soon."""
+    for title, expr in dashboard_exprs(raw=True):
+        used = set(re.findall(r"\$\{?(\w+)", expr))
+        assert used <= set(DASHBOARD_VARIABLES), f"{title}: unknown variables {used} in {expr}"
     for title, expr in dashboard_exprs():
-        assert "$" not in expr, f"{title}: template variable in {expr}"
+        assert "$" not in expr, f"{title}: unexpanded variable in {expr}"
         for window in re.findall(r"\[([^\]]+)\]", expr):
             assert _duration_s(window) <= 60, f"{title}: window [{window}] in {expr}"
         assert " offset " not in f" {expr} ", f"{title}: offset in {expr}"
