@@ -33,6 +33,7 @@ from streamkd.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
+IMAGE_CONFIG = ROOT / "deploy" / "container" / "config.yaml"
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_CPU = DEPLOY / "compose.cpu.yaml"
 K8S = DEPLOY / "k8s"
@@ -295,10 +296,20 @@ def _image_env() -> dict[str, str]:
     return _env(_final_stage(_dockerfile()))
 
 
+def _image_config_source() -> Path:
+    """The repository file the image installs at CONFIG_PATH."""
+    for args in _args(_final_stage(_dockerfile()), "COPY"):
+        parts = [a for a in args.split() if not a.startswith("--")]
+        if parts[-1] == CONFIG_PATH:
+            (source,) = parts[:-1]
+            return ROOT / source
+    raise AssertionError(f"the image has no {CONFIG_PATH}")
+
+
 def _container_config():
-    """What the compose daemon runs with: config.yaml < the image's ENV < compose environment."""
+    """What the compose daemon runs with: the image's config file < the image's ENV < compose environment."""
     compose_env = {k: str(v) for k, v in _compose()["services"]["streamkd"]["environment"].items()}
-    return load_config(ROOT / "config.yaml", env={**_image_env(), **compose_env})
+    return load_config(_image_config_source(), env={**_image_env(), **compose_env})
 
 
 def _free_port() -> int:
@@ -320,15 +331,14 @@ def test_dockerfile_is_hadolint_clean():
 def test_dockerfile_runtime_contract():
     instructions = _dockerfile()
     final = _final_stage(instructions)
-    base = final[0][1]
-    assert base.startswith("pytorch/pytorch:") and "-runtime" in base, base
-    assert "@sha256:" in base, f"base image not pinned by digest: {base}"
+    assert final[0][1] == "${PYTHON_IMAGE}"
+    (default,) = [a.split("=", 1)[1] for kw, a in instructions[:instructions.index(("FROM", final[0][1]))]
+                  if kw == "ARG" and a.startswith("PYTHON_IMAGE=")]
+    name, tag = default.split("@")[0].rsplit(":", 1)
+    assert name == "python" and tag.startswith("3.") and "slim" in tag, default
 
     env = _env(final)
-    assert env["STREAMKD_METRICS__HOST"] == "0.0.0.0"
-    assert env["STREAMKD_LOGGING__FORMAT"] == "json"
-    assert env["STREAMKD_CHECKPOINT__DIR"] == f"{STATE_DIR}/checkpoints"
-    assert env["STREAMKD_SNAPSHOT__DIR"] == f"{STATE_DIR}/snapshots"
+    assert not [k for k in env if k.startswith("STREAMKD_")], "settings belong in the image's config file"
     assert env["PYTHONUNBUFFERED"] == "1"
 
     assert _args(final, "USER") == ["10001:10001"]
@@ -337,7 +347,7 @@ def test_dockerfile_runtime_contract():
     assert _args(final, "STOPSIGNAL") == ["SIGTERM"]
     assert json.loads(_args(final, "ENTRYPOINT")[0]) == ["/usr/bin/tini", "--", "streamkd"]
     assert json.loads(_args(final, "CMD")[0]) == ["run", "-c", CONFIG_PATH]
-    assert any(args.split()[-1] == CONFIG_PATH for args in _args(final, "COPY"))
+    assert _image_config_source() == IMAGE_CONFIG
     assert any("/tini" in args and args.endswith("/usr/bin/tini")
                for args in _args(final, "COPY")), "tini is not installed at /usr/bin/tini"
     # the user exists with the uid the Kubernetes securityContext expects
@@ -348,28 +358,70 @@ def test_dockerfile_runtime_contract():
     assert adds and all("--checksum=sha256:" in args for args in adds), adds
 
     healthcheck = _healthcheck_cmd(final)
-    assert healthcheck[0] == "python" and "/healthz" in healthcheck[-1]
+    assert healthcheck[0] == "python" and "/healthz" in healthcheck[2] and healthcheck[-1] == CONFIG_PATH
 
 
-def test_dockerfile_keeps_base_torch_and_caches_dependencies():
+def test_dockerfile_oci_labels():
+    final = _final_stage(_dockerfile())
+    labels = dict(item.split("=", 1) for args in _args(final, "LABEL") for item in shlex.split(args))
+    args = dict(a.split("=", 1) for a in _args(final, "ARG") if "=" in a)
+    for key, arg in (("version", "VERSION"), ("revision", "REVISION"), ("source", "SOURCE")):
+        assert labels[f"org.opencontainers.image.{key}"] == "${" + arg + "}", key
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0" and (ROOT / "LICENSE").is_file()
+    assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert args["VERSION"] == version
+    # `make image` fills in the revision and the source
+    make = _run(["make", "-n", "image"], cwd=ROOT)
+    assert make.returncode == 0, make.stderr
+    assert "--build-arg REVISION=" in make.stdout and "--build-arg SOURCE=" in make.stdout
+
+
+def _torch_run(final) -> str:
+    (run,) = [a for kw, a in final if kw == "RUN" and "TORCH_VARIANT" in a]
+    return run
+
+
+def test_dockerfile_installs_the_tested_torch_and_caches_dependencies():
     final = _final_stage(_dockerfile())
     runs = [(i, args) for i, (kw, args) in enumerate(final) if kw == "RUN"]
     copies = [(i, args) for i, (kw, args) in enumerate(final) if kw == "COPY"]
     pip_installs = [(i, args) for i, args in runs if "pip install" in args]
     assert pip_installs, "the package is never installed"
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert set(pins) >= {"torch", "torchvision"}
 
-    constraints = next(i for i, args in runs if "base-constraints.txt" in args
-                       and "importlib.metadata" in args and "'torch'" in args)
+    copy_constraints = next(i for i, args in copies if args.split()[0] == "constraints.txt")
     for i, args in pip_installs:
-        assert i > constraints and "--constraint /opt/streamkd/base-constraints.txt" in args, (
-            f"pip install not constrained to the base image's torch: {args}")
-        assert not re.search(r"\btorch(vision)?\b", args.split("--constraint")[0]), args
+        assert i > copy_constraints and "--constraint constraints.txt" in args, (
+            f"pip install not constrained to the tested torch: {args}")
+    torch_install = next(i for i, args in pip_installs if re.search(r"\btorch torchvision\b", args))
 
     copy_package = next(i for i, args in copies if args.split()[0].rstrip("/") == "streamkd")
-    deps_install = next(i for i, args in pip_installs if "[broker]" in args)
+    deps_install = next(i for i, args in pip_installs if '".[export]"' in args)
     package_install = next(i for i, args in pip_installs if "--no-deps" in args)
-    assert deps_install < copy_package < package_install, (
-        "dependencies must be installed before the package source is copied (layer cache)")
+    assert torch_install < deps_install < copy_package < package_install, (
+        "torch, then the dependencies, then the package source (layer cache)")
+    assert not any("broker" in args for _, args in pip_installs), "the development broker is not for the image"
+
+
+@pytest.mark.parametrize("variant, index", [("cuda", "https://pypi.org/simple"),
+                                            ("cpu", "https://download.pytorch.org/whl/cpu"),
+                                            ("rocm", None)])
+def test_dockerfile_torch_variant_picks_the_index(tmp_path, variant, index):
+    """The torch RUN line, executed by bash with `pip` and `python` recording their arguments."""
+    for tool in ("pip", "python"):
+        (tmp_path / tool).write_text(f'#!/bin/sh\necho {tool} "$@"\n')
+        (tmp_path / tool).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "TORCH_VARIANT": variant}
+    result = _run(["bash", "-o", "pipefail", "-c", _torch_run(_final_stage(_dockerfile()))], env=env)
+    if index is None:
+        assert result.returncode != 0 and "TORCH_VARIANT must be cuda or cpu" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    assert f"pip install --no-cache-dir --index-url {index} --constraint constraints.txt torch torchvision" \
+        in result.stdout
 
 
 def test_dockerfile_copy_sources_are_in_the_build_context():
@@ -393,7 +445,7 @@ def test_dockerignore_keeps_state_and_environments_out():
     for path in (".venv/bin/python", ".git/HEAD", "state/checkpoints/1.pt", "tests/test_deploy.py",
                  "streamkd/__pycache__/cli.cpython-311.pyc", "deploy/compose.yaml"):
         assert dockerignored(path, patterns), f"{path} would be sent to the build context"
-    for path in ("pyproject.toml", "config.yaml", "streamkd/cli.py"):
+    for path in ("pyproject.toml", "constraints.txt", "LICENSE", "deploy/container/config.yaml", "streamkd/cli.py"):
         assert not dockerignored(path, patterns), f"{path} missing from the build context"
 
 
@@ -409,8 +461,10 @@ class _Health(BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("status, healthy", [(200, True), (503, False), (None, False)])
-def test_healthcheck_command_reports_daemon_health(status, healthy):
-    """The image's HEALTHCHECK, run as is (python from this environment) against a stub."""
+@pytest.mark.parametrize("port_from", ["file", "env"])
+def test_healthcheck_probes_the_configured_port(tmp_path, status, healthy, port_from):
+    """The image's HEALTHCHECK, run as is (python from this environment) against a stub on a
+    non-default port, with a mounted config file naming that port (or STREAMKD_METRICS__PORT)."""
     command = _healthcheck_cmd(_final_stage(_dockerfile()))
     port = _free_port()
     server = None
@@ -418,9 +472,17 @@ def test_healthcheck_command_reports_daemon_health(status, healthy):
         handler = type("Handler", (_Health,), {"status": status})
         server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
+    mounted = tmp_path / "config.yaml"
+    config = yaml.safe_load(IMAGE_CONFIG.read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMKD_")}
+    if port_from == "file":
+        config["metrics"]["port"] = port
+    else:
+        env["STREAMKD_METRICS__PORT"] = str(port)
+    mounted.write_text(yaml.safe_dump(config))
+    assert command[-1] == CONFIG_PATH
     try:
-        env = {**os.environ, "STREAMKD_METRICS__PORT": str(port)}
-        result = _run([sys.executable, *command[1:]], env=env)
+        result = _run([sys.executable, *command[1:-1], str(mounted)], env=env)
     finally:
         if server is not None:
             server.shutdown()
@@ -496,8 +558,12 @@ def test_compose_streamkd_service():
     assert env["STREAMKD_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["STREAMKD_KAFKA__TOPIC"] == "images"
     assert env["STREAMKD_KAFKA__DLQ_TOPIC"] == "images.dlq"
-    assert env["STREAMKD_METRICS__HOST"] == "0.0.0.0"
-    assert int(env["STREAMKD_METRICS__PORT"]) == PORT
+    # nothing the image's config file sets: a file mounted over it must not be shadowed
+    image_keys = {f"{section}.{key}" for section, keys in yaml.safe_load(IMAGE_CONFIG.read_text()).items()
+                  for key in keys}
+    from streamkd.config import env_overrides
+
+    assert not {dotted for dotted, _ in env_overrides(env)} & image_keys
 
     assert daemon["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert "entrypoint" not in daemon and "command" not in daemon  # tini -- streamkd run -c ...
@@ -514,7 +580,7 @@ def test_compose_streamkd_service():
 
 
 def test_container_config_loads_with_the_daemons_loader():
-    """Every STREAMKD_* variable of the image and compose is a real setting, with these values."""
+    """The image's config file + the compose environment, as the daemon in compose resolves them."""
     cfg = _container_config()
     assert cfg.metrics.host == "0.0.0.0" and cfg.metrics.port == PORT
     assert cfg.checkpoint.dir == f"{STATE_DIR}/checkpoints"
@@ -524,12 +590,56 @@ def test_container_config_loads_with_the_daemons_loader():
     assert (cfg.kafka.topic, cfg.kafka.dlq_topic) == ("images", "images.dlq")
 
 
+def _entrypoint_config(tmp_path: Path, mounted: Path | None) -> dict:
+    """What the image's ENTRYPOINT + CMD resolve: `streamkd run -c /etc/streamkd/config.yaml`
+    with the image's environment, run here with `--print-config` and the path pointed at the
+    image's file or at a file mounted over it."""
+    final = _final_stage(_dockerfile())
+    entrypoint = json.loads(_args(final, "ENTRYPOINT")[0])
+    cmd = json.loads(_args(final, "CMD")[0])
+    assert entrypoint[-1] == "streamkd"
+    args = [str(mounted or IMAGE_CONFIG) if a == CONFIG_PATH else a for a in cmd]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMKD_")} | _image_env()
+    result = _run([sys.executable, "-m", "streamkd", *args, "--print-config"], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_image_config_file_holds_the_container_defaults(tmp_path):
+    cfg = _entrypoint_config(tmp_path, None)
+    assert cfg["metrics"]["host"] == "0.0.0.0" and cfg["metrics"]["port"] == PORT
+    assert cfg["checkpoint"]["dir"] == f"{STATE_DIR}/checkpoints"
+    assert cfg["snapshot"]["dir"] == f"{STATE_DIR}/snapshots"
+    assert cfg["logging"]["format"] == "json"
+
+
+def test_mounted_config_wins_over_the_image_defaults(tmp_path):
+    mounted = tmp_path / "mounted.yaml"
+    mounted.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": "broker-1:9093"},
+        "checkpoint": {"dir": "/data/lineage/checkpoints"},
+        "snapshot": {"dir": "/data/lineage/snapshots"},
+        "metrics": {"host": "0.0.0.0", "port": 9555},
+        "logging": {"format": "text"},
+    }))
+    cfg = _entrypoint_config(tmp_path, mounted)
+    assert cfg["kafka"]["bootstrap_servers"] == "broker-1:9093"
+    assert cfg["checkpoint"]["dir"] == "/data/lineage/checkpoints"
+    assert cfg["snapshot"]["dir"] == "/data/lineage/snapshots"
+    assert cfg["metrics"]["port"] == 9555
+    assert cfg["logging"]["format"] == "text"
+
+
 def test_compose_cpu_override_drops_only_the_gpu_reservation():
     base = _compose()["services"]
     override = _compose(COMPOSE_CPU)["services"]
     assert set(override) <= set(base)
     devices = override["streamkd"]["deploy"]["resources"]["reservations"]["devices"]
     assert isinstance(devices, Reset) and devices.value == []
+    # the CPU variant of the image (CPU-only torch wheels), for both services that build it
+    for name in ("streamkd", "producer"):
+        assert override[name]["build"]["args"]["TORCH_VARIANT"] == "cpu", name
+        assert override[name]["image"] == "streamkd:cpu", name
 
 
 def test_compose_producer_streams_the_demo_dataset():
@@ -957,3 +1067,68 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     path.write_text(yaml.safe_dump(rules))
     result = _run([_promtool(), "check", "rules", str(path)])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- Makefile (newcomer path)
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def _make(tmp_path: Path, target: str, extra_env: dict | None = None, ensurepip: bool = False) -> tuple[int, str, dict]:
+    """`make TARGET` from the repository root on a stand-in fresh Debian: `apt-get`, `python3` and
+    the virtual environment's tools are stubs that record their arguments (nothing is installed),
+    the dataset and Prometheus are absent, and no STREAMKD_* variable is set unless given."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for tool in ("env", "sed", "git", "touch", "id", "mkdir", "cat", "make", "chmod", "basename", "printf"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    _stub(bin_dir / "apt-get", f'echo "apt-get $*" >> {log}\n')
+    venv = tmp_path / "venv"
+    tool = f'#!/bin/sh\necho "$(basename $0) $*" >> {log}\n'
+    _stub(bin_dir / "python3", f'''case "$*" in
+  *ensurepip*) {"exit 0" if ensurepip else "exit 1"} ;;
+  *version_info*) echo 3.11 ;;
+  "-m venv "*) mkdir -p "$3/bin"; for t in python pip streamkd; do printf '%s' '{tool}' > "$3/bin/$t"; \\
+               chmod +x "$3/bin/$t"; done; echo "python3 $*" >> {log} ;;
+esac
+''')
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), **(extra_env or {})}
+    result = subprocess.run([shutil.which("make"), "-f", str(ROOT / "Makefile"), target, f"VENV={venv}", "SUDO=",
+                             f"FMNIST={tmp_path / 'no-dataset'}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines() if log.exists() else []
+    apt = [c.split()[-1] for c in calls if c.startswith("apt-get") and " install " in c]
+    return result.returncode, result.stdout + result.stderr, {"apt": apt, "calls": calls}
+
+
+def test_make_demo_on_a_fresh_debian_installs_venv_support_and_only_the_demos_needs(tmp_path):
+    rc, out, seen = _make(tmp_path, "demo")
+    assert rc == 0, out
+    assert seen["apt"] == ["python3.11-venv", "dataset-fashion-mnist"], seen  # no prometheus
+    pip = [c for c in seen["calls"] if c.startswith("pip ")]
+    assert pip == ["pip install --quiet --constraint constraints.txt --editable .[broker]"], pip
+    assert seen["calls"][-1] == "streamkd demo"
+
+
+def test_make_test_adds_prometheus_and_the_dev_extras(tmp_path):
+    rc, out, seen = _make(tmp_path, "test", ensurepip=True)
+    assert rc == 0, out
+    assert seen["apt"] == ["dataset-fashion-mnist", "prometheus"], seen  # venv support was there
+    assert "pip install --quiet --constraint constraints.txt --editable .[dev]" in seen["calls"]
+    assert seen["calls"][-1] == "python -m pytest"
+
+
+def test_make_honours_streamkd_data_dir(tmp_path):
+    data = tmp_path / "fashion-mnist"
+    data.mkdir()
+    rc, out, seen = _make(tmp_path, "demo", {"STREAMKD_DATA_DIR": str(data)}, ensurepip=True)
+    assert rc == 0, out
+    assert seen["apt"] == [], seen
+    (tmp_path / "missing").mkdir()
+    rc, out, _ = _make(tmp_path / "missing", "dataset", {"STREAMKD_DATA_DIR": str(tmp_path / "nope")})
+    assert rc != 0 and "is not a directory" in out
