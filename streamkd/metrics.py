@@ -44,11 +44,11 @@ class Metrics:
         self.snapshots_published = Counter("streamkd_snapshots_published", "Snapshots published.", **r)
         self.kafka_errors = Counter("streamkd_kafka_errors", "Kafka client errors (retried).", ["op"], **r)
         self.checkpoint_write_failures = Counter(
-            "streamkd_checkpoint_write_failures", "Background checkpoints (dead letters, write, offset commit) that failed.",
-            **r)
+            "streamkd_checkpoint_write_failures",
+            "Background checkpoints (dead letters, write, offset commit) that failed.", **r)
         self.snapshot_write_failures = Counter(
-            "streamkd_snapshot_write_failures", "Background snapshot publications that failed (the previous one stays).",
-            **r)
+            "streamkd_snapshot_write_failures",
+            "Background snapshot publications that failed (the previous one stays).", **r)
         self.kd_loss = Gauge("streamkd_kd_loss", "KD loss (T^2-scaled), mean over the last log interval.", **r)
         self.agreement = Gauge(
             "streamkd_teacher_agreement_ratio",
