@@ -9,8 +9,11 @@ prefix, base units, ``_total`` only on counters.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    REGISTRY, CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector, ProcessCollector)
+from prometheus_client.core import GaugeMetricFamily
 
 from . import __version__
 
@@ -40,6 +43,12 @@ class Metrics:
             "streamkd_checkpoint_fallbacks", "Corrupt checkpoints or snapshots skipped on load.", **r)
         self.snapshots_published = Counter("streamkd_snapshots_published", "Snapshots published.", **r)
         self.kafka_errors = Counter("streamkd_kafka_errors", "Kafka client errors (retried).", ["op"], **r)
+        self.checkpoint_write_failures = Counter(
+            "streamkd_checkpoint_write_failures",
+            "Background checkpoints (dead letters, write, offset commit) that failed.", **r)
+        self.snapshot_write_failures = Counter(
+            "streamkd_snapshot_write_failures",
+            "Background snapshot publications that failed (the previous one stays).", **r)
         self.kd_loss = Gauge("streamkd_kd_loss", "KD loss (T^2-scaled), mean over the last log interval.", **r)
         self.agreement = Gauge(
             "streamkd_teacher_agreement_ratio",
@@ -76,6 +85,17 @@ class Metrics:
         for reason in ("nonfinite_loss", "nonfinite_grad"):
             self.updates_skipped.labels(reason)
         self.samples_skipped.labels("nonfinite_teacher")
+        for op in ("connect", "consumer", "metadata", "poll", "probe", "offset_reset", "commit", "dlq"):
+            self.kafka_errors.labels(op)
+        # What a fresh registry lacks but the default one has: process RSS/CPU/file descriptors
+        # (process_*), the interpreter (python_info) and garbage collections (python_gc_*). The default
+        # registry has them already (registering them twice raises).
+        if registry is not REGISTRY:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        if device.startswith("cuda"):
+            registry.register(CudaMemoryCollector(device))
 
     # -- plain verbs for the domain code ---------------------------------------------------
     def consumed(self, n: int = 1) -> None:
@@ -103,6 +123,21 @@ class Metrics:
         self.last_snapshot_version.set(version)
         self.last_snapshot_ts.set(time.time() if when is None else when)
 
+    def watch_write(self, future: Future, what: str) -> Future:
+        """Count ``future`` (a background ``"checkpoint"`` or ``"snapshot"`` write) as failed if it raises."""
+        counter = {"checkpoint": self.checkpoint_write_failures, "snapshot": self.snapshot_write_failures}[what]
+
+        def done(f: Future) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                counter.inc()
+
+        future.add_done_callback(done)
+        return future
+
+    def checkpoint_restored(self, when: float) -> None:
+        """At start, from the checkpoint resumed from: its age is shown from the first scrape (not the epoch)."""
+        self.last_checkpoint_ts.set(when)
+
     def checkpoint_written(self, when: float | None = None) -> None:
         self.checkpoints_written.inc()
         self.last_checkpoint_ts.set(time.time() if when is None else when)
@@ -113,3 +148,25 @@ class Metrics:
             self.agreement.set(agreement)
         if label_accuracy is not None:
             self.label_accuracy.set(label_accuracy)
+
+
+class CudaMemoryCollector:
+    """``streamkd_gpu_memory_{allocated,reserved}_bytes``: the CUDA caching allocator of the daemon's device,
+    read at scrape time (no host/device sync)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def collect(self):
+        import torch
+
+        allocated = GaugeMetricFamily(
+            "streamkd_gpu_memory_allocated_bytes", "GPU memory held by live tensors.", labels=["device"])
+        reserved = GaugeMetricFamily(
+            "streamkd_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator.", labels=["device"])
+        allocated.add_metric([self.device], torch.cuda.memory_allocated(self.device))
+        reserved.add_metric([self.device], torch.cuda.memory_reserved(self.device))
+        return [allocated, reserved]
+
+    def describe(self):
+        return []

@@ -56,6 +56,7 @@ class Persistence:
             self.learner.load_state(state.student, state.optimizer)
             prog.step, prog.samples_seen = state.step, state.samples_seen
             prog.offsets = dict(state.offsets.get(self.cfg.kafka.topic, {}))
+            self.metrics.checkpoint_restored(self.checkpoints.list()[0].stat().st_mtime)
             log.info("resumed from checkpoint step %d (%d samples); offsets %s", prog.step, prog.samples_seen,
                      prog.offsets)
         else:
@@ -102,7 +103,7 @@ class Persistence:
         st = TrainState(step=prog.step, samples_seen=prog.samples_seen,
                         offsets={self.cfg.kafka.topic: dict(prog.offsets)}, student=weights, optimizer=opt,
                         extra=dict(self.lineage))
-        self._ckpt = self.writer.submit(self._write_checkpoint, st)
+        self._ckpt = self.metrics.watch_write(self.writer.submit(self._write_checkpoint, st), "checkpoint")
         self._ckpt_covers = (prog.step, dict(prog.offsets))
         if sync:
             self._wait("_ckpt", "checkpoint")
@@ -119,7 +120,8 @@ class Persistence:
                       if self.cfg.snapshot.formats else None)
         manifest = self.manifest(prog)
         self.snap_step, self.snap_t = prog.step, time.monotonic()
-        self._snap = self.writer.submit(self._publish, weights, manifest, model_copy)
+        self._snap = self.metrics.watch_write(self.writer.submit(self._publish, weights, manifest, model_copy),
+                                              "snapshot")
         if sync:
             self._wait("_snap", "snapshot")
 

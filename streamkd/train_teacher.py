@@ -29,7 +29,10 @@ from safetensors.torch import save_file
 from .datasets import DatasetNotFound, load_fashion_mnist
 from .models import FMNIST_MEAN, FMNIST_STD, TEACHER_SPEC, WEIGHTS_DIR, build_model, file_sha256
 
-DEFAULT_OUT = WEIGHTS_DIR / "fmnist_cnn.safetensors"
+# Written into the current directory unless asked otherwise: the package's own weights (what
+# `teacher.weights` defaults to) are replaced only with --into-package.
+DEFAULT_OUT = Path("teacher.safetensors")
+PACKAGE_OUT = WEIGHTS_DIR / "fmnist_cnn.safetensors"
 DEFAULTS = {"epochs": 30, "batch_size": 256, "lr": 0.1, "seed": 0}
 WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.1
@@ -279,8 +282,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="train the shipped Fashion-MNIST teacher (streamkd:fmnist_cnn)",
         description=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="weights file; the manifest goes beside it as .json (default: %(default)s)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                       help="weights file; the manifest goes beside it as .json (default: %(default)s); use it "
+                            "with teacher.weights")
+    where.add_argument("--into-package", dest="out", action="store_const", const=PACKAGE_OUT,
+                       help=f"replace the installed package's shipped teacher ({PACKAGE_OUT})")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default: %(default)s")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"],

@@ -33,6 +33,7 @@ from streamkd.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
+IMAGE_CONFIG = ROOT / "deploy" / "container" / "config.yaml"
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_CPU = DEPLOY / "compose.cpu.yaml"
 K8S = DEPLOY / "k8s"
@@ -58,6 +59,9 @@ COUNTERS = {
     "streamkd_checkpoints_written_total",
     "streamkd_checkpoint_fallbacks_total",
     "streamkd_rollbacks_total",
+    "streamkd_kafka_errors_total",
+    "streamkd_checkpoint_write_failures_total",
+    "streamkd_snapshot_write_failures_total",
 }
 GAUGES = {
     "streamkd_kd_loss",
@@ -75,32 +79,49 @@ HISTOGRAMS = {
     "streamkd_train_step_seconds",
     "streamkd_batch_wait_seconds",
 }
-METRICS = COUNTERS | GAUGES | HISTOGRAMS
-METRIC_LABELS = {"partition", "reason", "version", "torch", "device", "le", "job", "instance"}
+# Exposed only by daemons that train on CUDA (streamkd.metrics.CudaMemoryCollector).
+CUDA_GAUGES = {"streamkd_gpu_memory_allocated_bytes", "streamkd_gpu_memory_reserved_bytes"}
+# prometheus_client's process collector on the daemon's registry, and kafka-exporter's broker-side lag.
+PROCESS_METRICS = {"process_resident_memory_bytes", "process_cpu_seconds_total"}
+EXPORTER_METRICS = {"kafka_consumergroup_lag"}
+METRICS = COUNTERS | GAUGES | HISTOGRAMS | CUDA_GAUGES | PROCESS_METRICS | EXPORTER_METRICS
+METRIC_LABELS = {"partition", "reason", "op", "version", "torch", "device", "le", "job", "instance",
+                 "consumergroup", "topic"}
+# Grafana template variables the panel queries use, and what "All" expands to.
+DASHBOARD_VARIABLES = {"instance": ".+", "consumergroup": ".+"}
 
 REQUIRED_ALERTS = {
     "StreamkdDown", "StreamkdConsumerLagGrowing", "StreamkdAgreementDropping",
     "StreamkdNoSnapshot", "StreamkdRejectionRateHigh", "StreamkdUpdatesSkipped",
-    "StreamkdNotReady",
+    "StreamkdNotReady", "StreamkdAbsent", "StreamkdCheckpointStale", "StreamkdCheckpointWriteFailing",
+    "StreamkdSnapshotWriteFailing", "StreamkdKafkaErrors", "StreamkdRollback",
 }
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def dashboard_exprs(path: Path = DASHBOARD) -> list[tuple[str, str]]:
+def dashboard_exprs(path: Path = DASHBOARD, variables: dict[str, str] | None = None,
+                    raw: bool = False) -> list[tuple[str, str]]:
     """(panel title, PromQL expr) for every query of every panel in a Grafana dashboard.
 
-    Rows' nested panels are included. Queries use literal `[1m]` windows and no template
-    variables, so they can be sent to Prometheus verbatim.
+    Rows' nested panels are included. Template variables (`$instance`, `$consumergroup`) are
+    replaced by `variables` (default: what Grafana's "All" sends), so the queries can be sent to
+    Prometheus as Grafana would; `raw=True` keeps them as written.
     """
     dashboard = json.loads(path.read_text())
+    values = {**DASHBOARD_VARIABLES, **(variables or {})}
     out: list[tuple[str, str]] = []
+
+    def expand(expr: str) -> str:
+        for name, value in values.items():
+            expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
+        return expr
 
     def walk(panels: list[dict]) -> None:
         for panel in panels:
             for target in panel.get("targets", []):
-                out.append((panel["title"], target["expr"]))
+                out.append((panel["title"], target["expr"] if raw else expand(target["expr"])))
             walk(panel.get("panels", []))
 
     walk(dashboard["panels"])
@@ -108,9 +129,9 @@ def dashboard_exprs(path: Path = DASHBOARD) -> list[tuple[str, str]]:
 
 
 def metric_names(expr: str) -> set[str]:
-    """The contract metric names an expression reads (histogram series map to their base)."""
+    """The metric names an expression reads (histogram series map to their base)."""
     names = set()
-    for name in re.findall(r"\bstreamkd_[a-z_]+\b", expr):
+    for name in re.findall(r"\b(?:streamkd|process|python|kafka)_[a-z_]+\b", expr):
         for suffix in ("_bucket", "_sum", "_count"):
             if name.endswith(suffix) and name[: -len(suffix)] in HISTOGRAMS:
                 name = name[: -len(suffix)]
@@ -275,10 +296,20 @@ def _image_env() -> dict[str, str]:
     return _env(_final_stage(_dockerfile()))
 
 
+def _image_config_source() -> Path:
+    """The repository file the image installs at CONFIG_PATH."""
+    for args in _args(_final_stage(_dockerfile()), "COPY"):
+        parts = [a for a in args.split() if not a.startswith("--")]
+        if parts[-1] == CONFIG_PATH:
+            (source,) = parts[:-1]
+            return ROOT / source
+    raise AssertionError(f"the image has no {CONFIG_PATH}")
+
+
 def _container_config():
-    """What the compose daemon runs with: config.yaml < the image's ENV < compose environment."""
+    """What the compose daemon runs with: the image's config file < the image's ENV < compose environment."""
     compose_env = {k: str(v) for k, v in _compose()["services"]["streamkd"]["environment"].items()}
-    return load_config(ROOT / "config.yaml", env={**_image_env(), **compose_env})
+    return load_config(_image_config_source(), env={**_image_env(), **compose_env})
 
 
 def _free_port() -> int:
@@ -300,15 +331,14 @@ def test_dockerfile_is_hadolint_clean():
 def test_dockerfile_runtime_contract():
     instructions = _dockerfile()
     final = _final_stage(instructions)
-    base = final[0][1]
-    assert base.startswith("pytorch/pytorch:") and "-runtime" in base, base
-    assert "@sha256:" in base, f"base image not pinned by digest: {base}"
+    assert final[0][1] == "${PYTHON_IMAGE}"
+    (default,) = [a.split("=", 1)[1] for kw, a in instructions[:instructions.index(("FROM", final[0][1]))]
+                  if kw == "ARG" and a.startswith("PYTHON_IMAGE=")]
+    name, tag = default.split("@")[0].rsplit(":", 1)
+    assert name == "python" and tag.startswith("3.") and "slim" in tag, default
 
     env = _env(final)
-    assert env["STREAMKD_METRICS__HOST"] == "0.0.0.0"
-    assert env["STREAMKD_LOGGING__FORMAT"] == "json"
-    assert env["STREAMKD_CHECKPOINT__DIR"] == f"{STATE_DIR}/checkpoints"
-    assert env["STREAMKD_SNAPSHOT__DIR"] == f"{STATE_DIR}/snapshots"
+    assert not [k for k in env if k.startswith("STREAMKD_")], "settings belong in the image's config file"
     assert env["PYTHONUNBUFFERED"] == "1"
 
     assert _args(final, "USER") == ["10001:10001"]
@@ -317,7 +347,7 @@ def test_dockerfile_runtime_contract():
     assert _args(final, "STOPSIGNAL") == ["SIGTERM"]
     assert json.loads(_args(final, "ENTRYPOINT")[0]) == ["/usr/bin/tini", "--", "streamkd"]
     assert json.loads(_args(final, "CMD")[0]) == ["run", "-c", CONFIG_PATH]
-    assert any(args.split()[-1] == CONFIG_PATH for args in _args(final, "COPY"))
+    assert _image_config_source() == IMAGE_CONFIG
     assert any("/tini" in args and args.endswith("/usr/bin/tini")
                for args in _args(final, "COPY")), "tini is not installed at /usr/bin/tini"
     # the user exists with the uid the Kubernetes securityContext expects
@@ -328,28 +358,70 @@ def test_dockerfile_runtime_contract():
     assert adds and all("--checksum=sha256:" in args for args in adds), adds
 
     healthcheck = _healthcheck_cmd(final)
-    assert healthcheck[0] == "python" and "/healthz" in healthcheck[-1]
+    assert healthcheck[0] == "python" and "/healthz" in healthcheck[2] and healthcheck[-1] == CONFIG_PATH
 
 
-def test_dockerfile_keeps_base_torch_and_caches_dependencies():
+def test_dockerfile_oci_labels():
+    final = _final_stage(_dockerfile())
+    labels = dict(item.split("=", 1) for args in _args(final, "LABEL") for item in shlex.split(args))
+    args = dict(a.split("=", 1) for a in _args(final, "ARG") if "=" in a)
+    for key, arg in (("version", "VERSION"), ("revision", "REVISION"), ("source", "SOURCE")):
+        assert labels[f"org.opencontainers.image.{key}"] == "${" + arg + "}", key
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0" and (ROOT / "LICENSE").is_file()
+    assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert args["VERSION"] == version
+    # `make image` fills in the revision and the source
+    make = _run(["make", "-n", "image"], cwd=ROOT)
+    assert make.returncode == 0, make.stderr
+    assert "--build-arg REVISION=" in make.stdout and "--build-arg SOURCE=" in make.stdout
+
+
+def _torch_run(final) -> str:
+    (run,) = [a for kw, a in final if kw == "RUN" and "TORCH_VARIANT" in a]
+    return run
+
+
+def test_dockerfile_installs_the_tested_torch_and_caches_dependencies():
     final = _final_stage(_dockerfile())
     runs = [(i, args) for i, (kw, args) in enumerate(final) if kw == "RUN"]
     copies = [(i, args) for i, (kw, args) in enumerate(final) if kw == "COPY"]
     pip_installs = [(i, args) for i, args in runs if "pip install" in args]
     assert pip_installs, "the package is never installed"
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert set(pins) >= {"torch", "torchvision"}
 
-    constraints = next(i for i, args in runs if "base-constraints.txt" in args
-                       and "importlib.metadata" in args and "'torch'" in args)
+    copy_constraints = next(i for i, args in copies if args.split()[0] == "constraints.txt")
     for i, args in pip_installs:
-        assert i > constraints and "--constraint /opt/streamkd/base-constraints.txt" in args, (
-            f"pip install not constrained to the base image's torch: {args}")
-        assert not re.search(r"\btorch(vision)?\b", args.split("--constraint")[0]), args
+        assert i > copy_constraints and "--constraint constraints.txt" in args, (
+            f"pip install not constrained to the tested torch: {args}")
+    torch_install = next(i for i, args in pip_installs if re.search(r"\btorch torchvision\b", args))
 
     copy_package = next(i for i, args in copies if args.split()[0].rstrip("/") == "streamkd")
-    deps_install = next(i for i, args in pip_installs if "[broker]" in args)
+    deps_install = next(i for i, args in pip_installs if '".[export]"' in args)
     package_install = next(i for i, args in pip_installs if "--no-deps" in args)
-    assert deps_install < copy_package < package_install, (
-        "dependencies must be installed before the package source is copied (layer cache)")
+    assert torch_install < deps_install < copy_package < package_install, (
+        "torch, then the dependencies, then the package source (layer cache)")
+    assert not any("broker" in args for _, args in pip_installs), "the development broker is not for the image"
+
+
+@pytest.mark.parametrize("variant, index", [("cuda", "https://pypi.org/simple"),
+                                            ("cpu", "https://download.pytorch.org/whl/cpu"),
+                                            ("rocm", None)])
+def test_dockerfile_torch_variant_picks_the_index(tmp_path, variant, index):
+    """The torch RUN line, executed by bash with `pip` and `python` recording their arguments."""
+    for tool in ("pip", "python"):
+        (tmp_path / tool).write_text(f'#!/bin/sh\necho {tool} "$@"\n')
+        (tmp_path / tool).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "TORCH_VARIANT": variant}
+    result = _run(["bash", "-o", "pipefail", "-c", _torch_run(_final_stage(_dockerfile()))], env=env)
+    if index is None:
+        assert result.returncode != 0 and "TORCH_VARIANT must be cuda or cpu" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    assert f"pip install --no-cache-dir --index-url {index} --constraint constraints.txt torch torchvision" \
+        in result.stdout
 
 
 def test_dockerfile_copy_sources_are_in_the_build_context():
@@ -373,7 +445,7 @@ def test_dockerignore_keeps_state_and_environments_out():
     for path in (".venv/bin/python", ".git/HEAD", "state/checkpoints/1.pt", "tests/test_deploy.py",
                  "streamkd/__pycache__/cli.cpython-311.pyc", "deploy/compose.yaml"):
         assert dockerignored(path, patterns), f"{path} would be sent to the build context"
-    for path in ("pyproject.toml", "config.yaml", "streamkd/cli.py"):
+    for path in ("pyproject.toml", "constraints.txt", "LICENSE", "deploy/container/config.yaml", "streamkd/cli.py"):
         assert not dockerignored(path, patterns), f"{path} missing from the build context"
 
 
@@ -389,8 +461,10 @@ class _Health(BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("status, healthy", [(200, True), (503, False), (None, False)])
-def test_healthcheck_command_reports_daemon_health(status, healthy):
-    """The image's HEALTHCHECK, run as is (python from this environment) against a stub."""
+@pytest.mark.parametrize("port_from", ["file", "env"])
+def test_healthcheck_probes_the_configured_port(tmp_path, status, healthy, port_from):
+    """The image's HEALTHCHECK, run as is (python from this environment) against a stub on a
+    non-default port, with a mounted config file naming that port (or STREAMKD_METRICS__PORT)."""
     command = _healthcheck_cmd(_final_stage(_dockerfile()))
     port = _free_port()
     server = None
@@ -398,9 +472,17 @@ def test_healthcheck_command_reports_daemon_health(status, healthy):
         handler = type("Handler", (_Health,), {"status": status})
         server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
+    mounted = tmp_path / "config.yaml"
+    config = yaml.safe_load(IMAGE_CONFIG.read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMKD_")}
+    if port_from == "file":
+        config["metrics"]["port"] = port
+    else:
+        env["STREAMKD_METRICS__PORT"] = str(port)
+    mounted.write_text(yaml.safe_dump(config))
+    assert command[-1] == CONFIG_PATH
     try:
-        env = {**os.environ, "STREAMKD_METRICS__PORT": str(port)}
-        result = _run([sys.executable, *command[1:]], env=env)
+        result = _run([sys.executable, *command[1:-1], str(mounted)], env=env)
     finally:
         if server is not None:
             server.shutdown()
@@ -476,8 +558,12 @@ def test_compose_streamkd_service():
     assert env["STREAMKD_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["STREAMKD_KAFKA__TOPIC"] == "images"
     assert env["STREAMKD_KAFKA__DLQ_TOPIC"] == "images.dlq"
-    assert env["STREAMKD_METRICS__HOST"] == "0.0.0.0"
-    assert int(env["STREAMKD_METRICS__PORT"]) == PORT
+    # nothing the image's config file sets: a file mounted over it must not be shadowed
+    image_keys = {f"{section}.{key}" for section, keys in yaml.safe_load(IMAGE_CONFIG.read_text()).items()
+                  for key in keys}
+    from streamkd.config import env_overrides
+
+    assert not {dotted for dotted, _ in env_overrides(env)} & image_keys
 
     assert daemon["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert "entrypoint" not in daemon and "command" not in daemon  # tini -- streamkd run -c ...
@@ -494,7 +580,7 @@ def test_compose_streamkd_service():
 
 
 def test_container_config_loads_with_the_daemons_loader():
-    """Every STREAMKD_* variable of the image and compose is a real setting, with these values."""
+    """The image's config file + the compose environment, as the daemon in compose resolves them."""
     cfg = _container_config()
     assert cfg.metrics.host == "0.0.0.0" and cfg.metrics.port == PORT
     assert cfg.checkpoint.dir == f"{STATE_DIR}/checkpoints"
@@ -504,12 +590,56 @@ def test_container_config_loads_with_the_daemons_loader():
     assert (cfg.kafka.topic, cfg.kafka.dlq_topic) == ("images", "images.dlq")
 
 
+def _entrypoint_config(tmp_path: Path, mounted: Path | None) -> dict:
+    """What the image's ENTRYPOINT + CMD resolve: `streamkd run -c /etc/streamkd/config.yaml`
+    with the image's environment, run here with `--print-config` and the path pointed at the
+    image's file or at a file mounted over it."""
+    final = _final_stage(_dockerfile())
+    entrypoint = json.loads(_args(final, "ENTRYPOINT")[0])
+    cmd = json.loads(_args(final, "CMD")[0])
+    assert entrypoint[-1] == "streamkd"
+    args = [str(mounted or IMAGE_CONFIG) if a == CONFIG_PATH else a for a in cmd]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMKD_")} | _image_env()
+    result = _run([sys.executable, "-m", "streamkd", *args, "--print-config"], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_image_config_file_holds_the_container_defaults(tmp_path):
+    cfg = _entrypoint_config(tmp_path, None)
+    assert cfg["metrics"]["host"] == "0.0.0.0" and cfg["metrics"]["port"] == PORT
+    assert cfg["checkpoint"]["dir"] == f"{STATE_DIR}/checkpoints"
+    assert cfg["snapshot"]["dir"] == f"{STATE_DIR}/snapshots"
+    assert cfg["logging"]["format"] == "json"
+
+
+def test_mounted_config_wins_over_the_image_defaults(tmp_path):
+    mounted = tmp_path / "mounted.yaml"
+    mounted.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": "broker-1:9093"},
+        "checkpoint": {"dir": "/data/lineage/checkpoints"},
+        "snapshot": {"dir": "/data/lineage/snapshots"},
+        "metrics": {"host": "0.0.0.0", "port": 9555},
+        "logging": {"format": "text"},
+    }))
+    cfg = _entrypoint_config(tmp_path, mounted)
+    assert cfg["kafka"]["bootstrap_servers"] == "broker-1:9093"
+    assert cfg["checkpoint"]["dir"] == "/data/lineage/checkpoints"
+    assert cfg["snapshot"]["dir"] == "/data/lineage/snapshots"
+    assert cfg["metrics"]["port"] == 9555
+    assert cfg["logging"]["format"] == "text"
+
+
 def test_compose_cpu_override_drops_only_the_gpu_reservation():
     base = _compose()["services"]
     override = _compose(COMPOSE_CPU)["services"]
     assert set(override) <= set(base)
     devices = override["streamkd"]["deploy"]["resources"]["reservations"]["devices"]
     assert isinstance(devices, Reset) and devices.value == []
+    # the CPU variant of the image (CPU-only torch wheels), for both services that build it
+    for name in ("streamkd", "producer"):
+        assert override[name]["build"]["args"]["TORCH_VARIANT"] == "cpu", name
+        assert override[name]["image"] == "streamkd:cpu", name
 
 
 def test_compose_producer_streams_the_demo_dataset():
@@ -732,6 +862,7 @@ def test_alerts_are_complete_and_each_is_tested_firing_and_silent():
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert rule["annotations"]["runbook_url"] == f"README.md#{name.lower()}", name
         unknown = {m for m in metric_names(rule["expr"]) if m not in METRICS}
         assert not unknown, f"{name} reads unknown metrics {unknown}"
 
@@ -741,6 +872,26 @@ def test_alerts_are_complete_and_each_is_tested_firing_and_silent():
         mine = [c for c in cases if c["alertname"] == name]
         assert any(c["exp_alerts"] for c in mine), f"{name}: no case where it fires"
         assert any(not c["exp_alerts"] for c in mine), f"{name}: no case where it stays silent"
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_links_a_runbook_section_that_says_what_to_do():
+    readme = (ROOT / "README.md").read_text()
+    runbook = readme.split("\n## Runbook\n", 1)[1].split("\n## ", 1)[0]
+    sections = dict(re.findall(r"^### (.+)\n((?:(?!^### ).*\n?)*)", runbook, flags=re.M))
+    by_anchor = {_github_anchor(h): body for h, body in sections.items()}
+    assert "## Runbook" in readme.split("## Contents", 1)[1].split("\n## ", 1)[0] or "(#runbook)" in readme
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            path, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+            assert (ROOT / path).resolve() == (ROOT / "README.md").resolve(), rule["alert"]
+            assert anchor in by_anchor, f"{rule['alert']}: README has no Runbook section #{anchor}"
+            assert len(by_anchor[anchor].split()) >= 25, f"#{anchor} says too little"
+            assert re.search(r"`[^`]+`", by_anchor[anchor]), f"#{anchor} names no command or metric"
 
 
 # --------------------------------------------------------------------------- Grafana
@@ -756,22 +907,104 @@ def test_contract_metrics_are_what_the_daemon_exposes():
     Metrics(registry)
     suffix = {"counter": "_total", "info": "_info"}
     types = {f.name + suffix.get(f.type, ""): f.type for f in registry.collect()}
-    assert METRICS <= set(types), f"not exposed by the daemon: {sorted(METRICS - set(types))}"
+    own = METRICS - CUDA_GAUGES - EXPORTER_METRICS
+    assert own <= set(types), f"not exposed by the daemon: {sorted(own - set(types))}"
     assert all(types[name] == "counter" for name in COUNTERS)
     assert all(types[name] == "histogram" for name in HISTOGRAMS)
+    assert not CUDA_GAUGES & set(types), "GPU memory series on a CPU daemon"
 
 
-def test_dashboard_panels_have_queries_on_the_prometheus_datasource():
-    dashboard = json.loads(DASHBOARD.read_text())
+def test_daemon_registry_has_the_process_platform_and_gc_collectors():
+    from prometheus_client import CollectorRegistry
+
+    from streamkd.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    assert registry.get_sample_value("process_resident_memory_bytes") > 1 << 20
+    assert registry.get_sample_value("process_cpu_seconds_total") > 0
+    families = {f.name for f in registry.collect()}
+    assert {"python_info", "python_gc_collections"} <= families, families
+    assert registry.get_sample_value("python_gc_collections_total", {"generation": "0"}) is not None
+
+
+def test_write_failures_are_counted_per_kind_and_only_on_failure():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client import CollectorRegistry
+
+    from streamkd.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    def fail():
+        raise OSError(28, "No space left on device")
+
+    with ThreadPoolExecutor(1) as pool:
+        futures = [metrics.watch_write(pool.submit(fail), "checkpoint"),
+                   metrics.watch_write(pool.submit(lambda: None), "checkpoint"),
+                   metrics.watch_write(pool.submit(fail), "snapshot"),
+                   metrics.watch_write(pool.submit(fail), "snapshot"),
+                   metrics.watch_write(pool.submit(lambda: None), "snapshot")]
+    assert [f.exception() is not None for f in futures] == [True, False, True, True, False]
+    assert registry.get_sample_value("streamkd_checkpoint_write_failures_total") == 1
+    assert registry.get_sample_value("streamkd_snapshot_write_failures_total") == 2
+
+
+def test_checkpoint_time_is_restored_not_counted():
+    from prometheus_client import CollectorRegistry
+
+    from streamkd.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    assert registry.get_sample_value("streamkd_last_checkpoint_timestamp_seconds") == 0
+    metrics.checkpoint_restored(1_700_000_000.0)
+    assert registry.get_sample_value("streamkd_last_checkpoint_timestamp_seconds") == 1_700_000_000.0
+    assert registry.get_sample_value("streamkd_checkpoints_written_total") == 0
+
+
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_has_datasource_and_instance_variables():
+    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name, metric in (("instance", "streamkd_build_info"), ("consumergroup", "kafka_consumergroup_lag")):
+        var = variables[name]
+        assert var["type"] == "query" and var["datasource"]["uid"] == "${datasource}"
+        assert var["query"]["query"] == f"label_values({metric}, {name})"
+        assert var["multi"] and var["includeAll"] and var["allValue"] == DASHBOARD_VARIABLES[name]
+    assert set(variables) == {"datasource"} | set(DASHBOARD_VARIABLES)
+
+
+def test_dashboard_panels_have_queries_on_the_selected_datasource():
+    dashboard = _dashboard()
     assert dashboard["uid"] == "streamkd-overview"
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     for panel in panels:
         assert panel["targets"], f"panel {panel['title']!r} has no query"
-        assert panel["datasource"]["uid"] == "prometheus", panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         for target in panel["targets"]:
             assert target["expr"].strip(), panel["title"]
-            assert target.get("datasource", panel["datasource"])["uid"] == "prometheus"
+            assert target.get("datasource", panel["datasource"])["uid"] == "${datasource}"
+
+
+def test_dashboard_queries_are_per_instance():
+    """Every selector of a daemon metric is filtered by the instance variable and every
+    aggregation keeps `instance`, so several daemons are never summed into one line."""
+    for title, expr in dashboard_exprs(raw=True):
+        for name, matchers in re.findall(r"\b((?:streamkd|process|kafka)_[a-z_]+)(\{[^}]*\})?", expr):
+            wanted = 'consumergroup=~"$consumergroup"' if name in EXPORTER_METRICS else 'instance=~"$instance"'
+            assert wanted in matchers, f"{title}: {name} without {wanted} in {expr}"
+        for labels in re.findall(r"\bsum\s+by\s*\(([^)]*)\)", expr):
+            used = {label.strip() for label in labels.split(",")}
+            assert "instance" in used or "consumergroup" in used, f"{title}: sum drops the instance: {expr}"
+        assert not re.search(r"\bsum\s*\(", expr), f"{title}: sum over every daemon: {expr}"
 
 
 def test_dashboard_queries_read_only_contract_metrics():
@@ -779,13 +1012,13 @@ def test_dashboard_queries_read_only_contract_metrics():
     read = set()
     for title, expr in exprs:
         names = metric_names(expr)
-        assert names, f"{title}: {expr} reads no streamkd metric"
+        assert names, f"{title}: {expr} reads no metric"
         assert names <= METRICS, f"{title}: unknown metrics {names - METRICS} in {expr}"
         for labels in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
             used = {label.strip() for label in labels.split(",") if label.strip()}
             assert used <= METRIC_LABELS, f"{title}: unknown labels {used - METRIC_LABELS}"
         read |= names
-    # what an operator looks at: throughput, quality, input health, latency, lineage
+    # what an operator looks at: throughput, quality, input health, latency, lineage, resources
     required = {
         "streamkd_samples_trained_total", "streamkd_messages_consumed_total",
         "streamkd_teacher_agreement_ratio", "streamkd_label_accuracy_ratio", "streamkd_kd_loss",
@@ -793,18 +1026,34 @@ def test_dashboard_queries_read_only_contract_metrics():
         "streamkd_updates_skipped_total", "streamkd_teacher_inference_seconds",
         "streamkd_train_step_seconds", "streamkd_last_snapshot_version",
         "streamkd_last_snapshot_timestamp_seconds", "streamkd_last_checkpoint_timestamp_seconds",
-    }
+        "streamkd_kafka_errors_total", "streamkd_checkpoint_write_failures_total",
+        "streamkd_snapshot_write_failures_total", "kafka_consumergroup_lag",
+    } | PROCESS_METRICS | CUDA_GAUGES
     assert required <= read, f"no panel shows {sorted(required - read)}"
     for metric in ("streamkd_teacher_inference_seconds", "streamkd_train_step_seconds"):
         for q in ("0.5", "0.95"):
-            assert any(f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket[1m])))" in e
-                       for _, e in exprs), f"no p{q} of {metric}"
+            assert any(f"histogram_quantile({q}, sum by (instance, le) (rate({metric}_bucket{{" in e
+                       for _, e in dashboard_exprs(raw=True)), f"no p{q} of {metric}"
+
+
+def test_dashboard_age_panels_hide_the_zero_timestamp():
+    """Before the first checkpoint/snapshot the timestamp is 0: the age panels show nothing,
+    not decades."""
+    for title, expr in dashboard_exprs():
+        for metric in ("streamkd_last_checkpoint_timestamp_seconds", "streamkd_last_snapshot_timestamp_seconds"):
+            if f"time() - ({metric}" in expr:
+                assert re.search(metric + r"\{[^}]*\} > 0\)", expr), f"{title}: {expr}"
+    ages = [e for _, e in dashboard_exprs() if e.startswith("time() - (")]
+    assert len(ages) >= 2
 
 
 def test_dashboard_queries_answer_within_seconds_of_start():
-    """Literal windows of at most 1m and no template variables: a live daemon answers soon."""
+    """Literal windows of at most 1m and no variables but the dashboard's own: a live daemon answers soon."""
+    for title, expr in dashboard_exprs(raw=True):
+        used = set(re.findall(r"\$\{?(\w+)", expr))
+        assert used <= set(DASHBOARD_VARIABLES), f"{title}: unknown variables {used} in {expr}"
     for title, expr in dashboard_exprs():
-        assert "$" not in expr, f"{title}: template variable in {expr}"
+        assert "$" not in expr, f"{title}: unexpanded variable in {expr}"
         for window in re.findall(r"\[([^\]]+)\]", expr):
             assert _duration_s(window) <= 60, f"{title}: window [{window}] in {expr}"
         assert " offset " not in f" {expr} ", f"{title}: offset in {expr}"
@@ -818,3 +1067,68 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     path.write_text(yaml.safe_dump(rules))
     result = _run([_promtool(), "check", "rules", str(path)])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- Makefile (newcomer path)
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def _make(tmp_path: Path, target: str, extra_env: dict | None = None, ensurepip: bool = False) -> tuple[int, str, dict]:
+    """`make TARGET` from the repository root on a stand-in fresh Debian: `apt-get`, `python3` and
+    the virtual environment's tools are stubs that record their arguments (nothing is installed),
+    the dataset and Prometheus are absent, and no STREAMKD_* variable is set unless given."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for tool in ("env", "sed", "git", "touch", "id", "mkdir", "cat", "make", "chmod", "basename", "printf"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    _stub(bin_dir / "apt-get", f'echo "apt-get $*" >> {log}\n')
+    venv = tmp_path / "venv"
+    tool = f'#!/bin/sh\necho "$(basename $0) $*" >> {log}\n'
+    _stub(bin_dir / "python3", f'''case "$*" in
+  *ensurepip*) {"exit 0" if ensurepip else "exit 1"} ;;
+  *version_info*) echo 3.11 ;;
+  "-m venv "*) mkdir -p "$3/bin"; for t in python pip streamkd; do printf '%s' '{tool}' > "$3/bin/$t"; \\
+               chmod +x "$3/bin/$t"; done; echo "python3 $*" >> {log} ;;
+esac
+''')
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), **(extra_env or {})}
+    result = subprocess.run([shutil.which("make"), "-f", str(ROOT / "Makefile"), target, f"VENV={venv}", "SUDO=",
+                             f"FMNIST={tmp_path / 'no-dataset'}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines() if log.exists() else []
+    apt = [c.split()[-1] for c in calls if c.startswith("apt-get") and " install " in c]
+    return result.returncode, result.stdout + result.stderr, {"apt": apt, "calls": calls}
+
+
+def test_make_demo_on_a_fresh_debian_installs_venv_support_and_only_the_demos_needs(tmp_path):
+    rc, out, seen = _make(tmp_path, "demo")
+    assert rc == 0, out
+    assert seen["apt"] == ["python3.11-venv", "dataset-fashion-mnist"], seen  # no prometheus
+    pip = [c for c in seen["calls"] if c.startswith("pip ")]
+    assert pip == ["pip install --quiet --constraint constraints.txt --editable .[broker]"], pip
+    assert seen["calls"][-1] == "streamkd demo"
+
+
+def test_make_test_adds_prometheus_and_the_dev_extras(tmp_path):
+    rc, out, seen = _make(tmp_path, "test", ensurepip=True)
+    assert rc == 0, out
+    assert seen["apt"] == ["dataset-fashion-mnist", "prometheus"], seen  # venv support was there
+    assert "pip install --quiet --constraint constraints.txt --editable .[dev]" in seen["calls"]
+    assert seen["calls"][-1] == "python -m pytest"
+
+
+def test_make_honours_streamkd_data_dir(tmp_path):
+    data = tmp_path / "fashion-mnist"
+    data.mkdir()
+    rc, out, seen = _make(tmp_path, "demo", {"STREAMKD_DATA_DIR": str(data)}, ensurepip=True)
+    assert rc == 0, out
+    assert seen["apt"] == [], seen
+    (tmp_path / "missing").mkdir()
+    rc, out, _ = _make(tmp_path / "missing", "dataset", {"STREAMKD_DATA_DIR": str(tmp_path / "nope")})
+    assert rc != 0 and "is not a directory" in out

@@ -5,17 +5,31 @@ skips) runs the deployed scrape config (deploy/prometheus/prometheus.yml: its `s
 pointed at the daemon, 1 s instead of 5 s) and the deployed alert rules. The daemon trains on
 Fashion-MNIST PNG records from the real broker fixture, some with a `label` header (label
 accuracy panel) and a few corrupt (rejection panels), checkpointing and publishing snapshots
-every few steps. Each panel query from `dashboard_exprs()` is then sent to Prometheus's HTTP
-API and must answer with at least one series holding a number: what Grafana would draw.
+every few steps. Each panel query from `dashboard_exprs()`, with the dashboard's variables set
+to this daemon's instance and consumer group as Grafana would, is then sent to Prometheus's
+HTTP API and must answer with at least one series holding a number: what Grafana would draw.
+
+The `kafka-exporter` job scrapes `LagExporter`, a stand-in for kafka-exporter (a Go binary this
+machine does not have): it serves kafka-exporter's `kafka_consumergroup_lag` series, computed
+as kafka-exporter does (end offset - committed offset of the group, per partition), from the
+real broker. The GPU memory panel is checked only where the daemon trains on CUDA.
+
+Then the write-failure counters: the checkpoint and snapshot folders are replaced by plain
+files for a while, and each failed background write must show in Prometheus. Finally the
+daemon is restarted on its state: the checkpoint-age gauge must hold the newest checkpoint's
+time from the first scrape on, not 0.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,7 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import fmnist_pngs, free_port, produce_values, write_config
-from test_deploy import PROMETHEUS_CONFIG, RULES, dashboard_exprs
+from test_deploy import CUDA_GAUGES, PROMETHEUS_CONFIG, RULES, dashboard_exprs, metric_names
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -95,16 +109,64 @@ class Prometheus:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def prometheus_config(metrics_port: int) -> dict:
-    """The deployed prometheus.yml, scraping only the daemon (every 1 s) under its own job name,
-    with the deployed rule files (absolute paths) evaluated every second."""
+def prometheus_config(metrics_port: int, exporter_port: int | None = None) -> dict:
+    """The deployed prometheus.yml, scraping the daemon (and the lag exporter) every 1 s under
+    the deployed job names, with the deployed rule files (absolute paths) evaluated every second."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / glob) for glob in config["rule_files"]]
-    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
-    config["scrape_configs"] = [job]
+    targets = {JOB: metrics_port, "kafka-exporter": exporter_port}
+    jobs = [j for j in config["scrape_configs"] if targets.get(j["job_name"])]
+    for job in jobs:
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
+    config["scrape_configs"] = jobs
     return config
+
+
+class LagExporter:
+    """kafka-exporter's `kafka_consumergroup_lag{consumergroup, topic, partition}` for one group
+    and topic, computed from the broker at every scrape: end offset - committed offset, for the
+    partitions the group has committed."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str):
+        from kafka import KafkaConsumer
+
+        self.group, self.topic = group, topic
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+        exporter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server API)
+                body = exporter.exposition().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", free_port()), Handler)  # one request at a time
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def exposition(self) -> str:
+        from kafka import TopicPartition
+
+        partitions = [TopicPartition(self.topic, p) for p in sorted(self.consumer.partitions_for_topic(self.topic))]
+        committed = {tp: self.consumer.committed(tp) for tp in partitions}
+        ends = self.consumer.end_offsets(partitions)  # after the commits: lag is never negative
+        lines = ["# TYPE kafka_consumergroup_lag gauge"]
+        for tp in partitions:
+            if committed[tp] is not None:
+                lines.append(f'kafka_consumergroup_lag{{consumergroup="{self.group}",partition="{tp.partition}",'
+                             f'topic="{tp.topic}"}} {ends[tp] - committed[tp]}')
+        return "\n".join(lines) + "\n"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.consumer.close()
 
 
 @pytest.fixture
@@ -152,7 +214,9 @@ def scalar(prom: Prometheus, expr: str) -> float | None:
 
 def test_every_dashboard_panel_has_data_from_a_live_daemon(prometheus_factory, broker, topic, tmp_path,
                                                           daemon_factory):
-    exprs = dashboard_exprs()
+    port = free_port()
+    group = f"g-{topic}"  # write_config's group id
+    exprs = dashboard_exprs(variables={"instance": f"127.0.0.1:{port}", "consumergroup": group})
     assert exprs, "the dashboard has no queries"
     alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
 
@@ -168,8 +232,8 @@ def test_every_dashboard_panel_has_data_from_a_live_daemon(prometheus_factory, b
                        headers=lambda i: [headers[lo + i]] if headers[lo + i] else [])
 
     produce(0, first)
-    port = free_port()
-    prom = prometheus_factory(prometheus_config(port))
+    exporter = LagExporter(broker.bootstrap, group, topic)
+    prom = prometheus_factory(prometheus_config(port, exporter.port))
     config = write_config(tmp_path, broker.bootstrap, topic, port,
                           checkpoint={"every_steps": 4, "every_seconds": 2},
                           snapshot={"every_steps": 6, "every_seconds": 3, "keep": 2})
@@ -184,7 +248,10 @@ def test_every_dashboard_panel_has_data_from_a_live_daemon(prometheus_factory, b
     produce(first, len(stream))
 
     # Poll until Prometheus has scraped enough: every panel query answers with numbers (the
-    # rate() panels need two scrapes of a moving counter inside their 1m window).
+    # rate() panels need two scrapes of a moving counter inside their 1m window). The GPU panel
+    # only where the daemon trains on CUDA; elsewhere it must answer, with no series.
+    on_cuda = "cuda" in daemon.get("/metrics")[1].decode().split("streamkd_build_info{", 1)[1].split("}", 1)[0]
+    expected = {e for _, e in exprs if on_cuda or not metric_names(e) <= CUDA_GAUGES}
     answers: dict[str, dict] = {}
     while True:
         if daemon.proc.poll() is not None:
@@ -194,11 +261,11 @@ def test_every_dashboard_panel_has_data_from_a_live_daemon(prometheus_factory, b
         answers = {expr: prom.query(expr) for _, expr in exprs}
         trained = scalar(prom, "streamkd_samples_trained_total") or 0
         snapshot = scalar(prom, "streamkd_last_snapshot_version") or 0
-        if all(map(has_data, answers.values())) and trained >= IMAGES and snapshot >= 1:
+        if all(map(has_data, (answers[e] for e in expected))) and trained >= IMAGES and snapshot >= 1:
             break
         if time.monotonic() > deadline:
             empty = [f"  {title}: {expr}\n    -> {json.dumps(answers[expr])[:300]}"
-                     for title, expr in exprs if not has_data(answers[expr])]
+                     for title, expr in exprs if expr in expected and not has_data(answers[expr])]
             raise AssertionError(
                 f"within {DEADLINE_S} s of the daemon's start ({trained:.0f} samples trained in "
                 f"Prometheus, snapshot {snapshot:.0f}), {len(empty)} panel queries returned no data:\n"
@@ -208,7 +275,8 @@ def test_every_dashboard_panel_has_data_from_a_live_daemon(prometheus_factory, b
     for title, expr in exprs:  # what the loop waited for, as the assertion of record
         answer = answers[expr]
         assert answer["status"] == "success", f"{title}: {expr}: {answer}"
-        assert answer["data"]["result"], f"{title}: {expr}: empty result"
+        assert bool(answer["data"]["result"]) == (expr in expected), f"{title}: {expr}: {answer}"
+    assert all(metric_names(e) <= CUDA_GAUGES for _, e in exprs if e not in expected)
 
     # The panels show this run's stream, not just any number.
     assert scalar(prom, f'up{{job="{JOB}"}}') == 1.0
@@ -219,6 +287,12 @@ def test_every_dashboard_panel_has_data_from_a_live_daemon(prometheus_factory, b
     assert scalar(prom, "sum(rate(streamkd_messages_consumed_total[1m]))") > 0
     assert 0.0 <= scalar(prom, "streamkd_label_accuracy_ratio") <= 1.0
     assert scalar(prom, "streamkd_checkpoints_written_total") >= 1
+    # per instance: the daemon's own series carry its address, the broker-side lag its group
+    instance = f"127.0.0.1:{port}"
+    assert scalar(prom, f'process_resident_memory_bytes{{instance="{instance}"}}') > 50 << 20
+    broker_lag = prom.query(f'kafka_consumergroup_lag{{consumergroup="{group}"}}')["data"]["result"]
+    assert {s["metric"]["partition"] for s in broker_lag} == {"0", "1", "2"}
+    assert all(s["metric"]["topic"] == topic and s["metric"]["job"] == "kafka-exporter" for s in broker_lag)
 
     # The deployed alert rules load and evaluate against live series without errors.
     deadline = time.monotonic() + 15
@@ -230,7 +304,45 @@ def test_every_dashboard_panel_has_data_from_a_live_daemon(prometheus_factory, b
     assert {r["name"] for r in rules if r["type"] == "alerting"} == alerts
     broken = {r["name"]: (r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"}
     assert not broken, f"rules not healthy: {broken}"
-    down = next(r for r in rules if r["name"] == "StreamkdDown")
-    assert down["state"] == "inactive", down  # the daemon is up
+    for name in ("StreamkdDown", "StreamkdAbsent", "StreamkdCheckpointStale"):
+        rule = next(r for r in rules if r["name"] == name)
+        assert rule["state"] == "inactive", rule  # the daemon is up and checkpoints
+
+    # Failed background writes: the folder replaced by a plain file for a while.
+    ckpt_dir, snap_dir = tmp_path / "ckpt", tmp_path / "snap"
+
+    def failing_writes(folder: Path, counter: str, more_records: bool) -> None:
+        aside = folder.with_name(folder.name + ".aside")
+        os.rename(folder, aside)
+        folder.write_text("not a directory")
+        try:
+            if more_records:  # a snapshot is published only once the student has moved on
+                produce_values(broker.bootstrap, topic, values[:64])
+            deadline = time.monotonic() + 30
+            while not scalar(prom, f'{counter}{{instance="{instance}"}}'):
+                assert time.monotonic() < deadline, f"{counter} stayed 0:\n{daemon.tail(15)}"
+                assert daemon.proc.poll() is None, daemon.tail()
+                time.sleep(0.5)
+        finally:
+            folder.unlink()
+            os.rename(aside, folder)
+
+    failing_writes(ckpt_dir, "streamkd_checkpoint_write_failures_total", more_records=False)
+    failing_writes(snap_dir, "streamkd_snapshot_write_failures_total", more_records=True)
 
     assert daemon.stop() == 0, daemon.tail()
+    log = daemon.log_path.read_text(errors="replace")
+    assert "checkpoint write failed" in log and "snapshot write failed" in log
+    exporter.close()
+
+    # Restart on the same state, with no checkpoint due for an hour: the checkpoint-age gauge
+    # starts at the newest checkpoint's time.
+    newest = max((p for p in ckpt_dir.iterdir() if p.name.startswith("step-")), key=lambda p: int(p.name[5:]))
+    config = write_config(tmp_path, broker.bootstrap, topic, port,
+                          checkpoint={"every_steps": 100_000, "every_seconds": 3600},
+                          snapshot={"every_steps": 100_000, "every_seconds": 3600, "keep": 2})
+    again = daemon_factory(config, port)
+    restored = again.wait_metric("streamkd_last_checkpoint_timestamp_seconds", 1.0, timeout=DEADLINE_S)
+    assert restored == newest.stat().st_mtime
+    assert again.metric("streamkd_checkpoints_written_total") == 0
+    assert again.stop() == 0, again.tail()

@@ -1,5 +1,6 @@
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +76,19 @@ def test_cli_defaults():
     tt.register(parser.add_subparsers())
     args = parser.parse_args(["train-teacher"])
     assert (args.epochs, args.batch_size, args.lr, args.seed, args.device) == (30, 256, 0.1, 0, "auto")
-    assert args.out.parts[-2:] == ("weights", "fmnist_cnn.safetensors") and args.limit is None
+    assert args.out == Path("teacher.safetensors") and args.limit is None  # the current directory
+
+
+def test_cli_writes_into_the_package_only_when_asked(capsys):
+    from streamkd.models import WEIGHTS_DIR
+
+    parser = argparse.ArgumentParser(prog="streamkd")
+    tt.register(parser.add_subparsers())
+    assert not parser.parse_args(["train-teacher"]).out.resolve().is_relative_to(WEIGHTS_DIR.resolve())
+    assert parser.parse_args(["train-teacher", "--into-package"]).out == WEIGHTS_DIR / "fmnist_cnn.safetensors"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-teacher", "--into-package", "--out", "w.safetensors"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_cli_missing_dataset_exit_code(tmp_path, monkeypatch, capsys):
