@@ -194,7 +194,9 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                          on_error=lambda op: metrics.kafka_errors.labels(op).inc())
     # Values are cut to stay under the producer's (and Kafka's default broker) 1 MiB request limit,
     # with room left for key, headers and batch overhead.
-    dlq = DeadLetters(cfg.kafka, max_value_bytes=min(cfg.input.max_bytes, 1_000_000))
+    dlq = DeadLetters(cfg.kafka, max_value_bytes=min(cfg.input.max_bytes, 1_000_000),
+                      on_pending=metrics.dead_letters_pending,
+                      on_error=lambda op: metrics.kafka_errors.labels(op).inc())
     rejected_count = [0]
 
     def on_reject(rec: RawRecord, why: Rejected) -> None:
@@ -208,20 +210,21 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
             metrics.kafka_errors.labels("dlq").inc()
             log.warning("dead-letter send failed for %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, e)
 
-    limits = Limits(cfg.input.max_bytes, cfg.input.max_pixels, cfg.input.max_images)
+    limits = Limits(cfg.input.max_bytes, cfg.input.max_pixels, cfg.input.max_images, cfg.input.max_decoded_bytes)
     # A record whose decoding kills the process is found and dead-lettered after a few
     # restarts, instead of crash-looping (quarantine.py). It lives beside the checkpoints.
     journal = DecodeJournal(cfg.checkpoint.dir, prog.offsets)
     batcher = Batcher(records, batches, batch_size=cfg.train.batch_size, max_wait_s=cfg.input.max_wait_ms / 1000,
                       limits=limits, size=cfg.teacher.input_size, channels=cfg.teacher.channels,
                       workers=cfg.input.decode_workers, stop=intake_stop, on_reject=on_reject,
-                      pin_memory=parts.device.type == "cuda", gpu=_gpu_decoder(cfg, parts.device), journal=journal)
+                      pin_memory=parts.device.type == "cuda", gpu=_gpu_decoder(cfg, parts.device), journal=journal,
+                      num_classes=parts.num_classes, paused=lambda: dlq.full)
     heartbeat = [time.monotonic()]
     warming = threading.Event()  # alive while compiling, however long that takes; not ready until it is done
     warming.set()
     server = HttpServer(cfg.metrics.host, cfg.metrics.port, parts.registry,
                         healthy=lambda: warming.is_set() or time.monotonic() - heartbeat[0] < 120,
-                        ready=lambda: source.ready and not warming.is_set(), snapshots=parts.snapshots,
+                        ready=lambda: source.ready and not dlq.full and not warming.is_set(), snapshots=parts.snapshots,
                         token=cfg.metrics.snapshot_token)
     server.start()
     log.info("HTTP on http://%s:%d (/metrics /healthz /readyz /v1/snapshots/latest)", cfg.metrics.host, server.port)
@@ -362,6 +365,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
 
     metrics.ready.set(0)
     was_ready = False
+    mid_record = False  # the last batch ended inside a record: no checkpoint until its last image is trained
     try:
         while not stop.is_set():
             heartbeat[0] = time.monotonic()
@@ -412,6 +416,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                     drain_lagged()
                     rollback(f"{prog.consecutive_skips} consecutive non-finite updates")
             if batch is not None:
+                mid_record = batch.partial
                 prog.offsets.update(batch.offsets)  # these records are now in the model (or dead-lettered)
                 prog.records_done += batch.records
             prog.rejected = rejected_count[0]
@@ -431,8 +436,8 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                 last_log_t, last_log_samples = now, prog.samples_seen
             if on_progress is not None:
                 on_progress(prog)
-            if (prog.step - last_ckpt_step >= cfg.checkpoint.every_steps
-                    or (now - last_ckpt_t >= cfg.checkpoint.every_seconds and prog.offsets)):
+            if not mid_record and (prog.step - last_ckpt_step >= cfg.checkpoint.every_steps
+                                   or (now - last_ckpt_t >= cfg.checkpoint.every_seconds and prog.offsets)):
                 drain_lagged()
                 checkpoint(sync=False)
             if prog.step - last_snap_step >= cfg.snapshot.every_steps or (
@@ -449,9 +454,9 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
         try:
             drain_lagged()
             metrics.progress(prog.kd_loss, prog.agreement, prog.label_accuracy)
-            if prog.offsets:
+            if prog.offsets and not mid_record:  # mid-record: the previous checkpoint stays the resume point
                 checkpoint(sync=True)
-            if prog.step > last_snap_step or not parts.snapshots.versions():
+            if not mid_record and (prog.step > last_snap_step or not parts.snapshots.versions()):
                 if prog.step > 0:
                     snapshot(sync=True)
             if pending_snap is not None:

@@ -40,6 +40,9 @@ class Metrics:
             "streamkd_checkpoint_fallbacks", "Corrupt checkpoints or snapshots skipped on load.", **r)
         self.snapshots_published = Counter("streamkd_snapshots_published", "Snapshots published.", **r)
         self.kafka_errors = Counter("streamkd_kafka_errors", "Kafka client errors (retried).", ["op"], **r)
+        self.dlq_pending = Gauge(
+            "streamkd_dlq_pending", "Dead letters not yet acknowledged (offsets covering them stay uncommitted).",
+            **r)
         self.kd_loss = Gauge("streamkd_kd_loss", "KD loss (T^2-scaled), mean over the last log interval.", **r)
         self.agreement = Gauge(
             "streamkd_teacher_agreement_ratio",
@@ -71,11 +74,12 @@ class Metrics:
         Info("streamkd_build", "Build information.", **r).info(
             {"version": __version__, "torch": torch.__version__.split("+")[0], "device": device})
         # Pre-create the usual label values so dashboards show zeros rather than "no data".
-        for reason in ("corrupt", "too_large", "too_many_pixels", "unknown_format"):
+        for reason in ("corrupt", "too_large", "too_many_pixels", "unknown_format", "bad_label"):
             self.messages_rejected.labels(reason)
         for reason in ("nonfinite_loss", "nonfinite_grad"):
             self.updates_skipped.labels(reason)
         self.samples_skipped.labels("nonfinite_teacher")
+        self.kafka_errors.labels("poll")
 
     # -- plain verbs for the domain code ---------------------------------------------------
     def consumed(self, n: int = 1) -> None:
@@ -94,6 +98,9 @@ class Metrics:
     def skipped_samples(self, reason: str, n: int) -> None:
         if n:
             self.samples_skipped.labels(reason).inc(n)
+
+    def dead_letters_pending(self, n: int) -> None:
+        self.dlq_pending.set(n)
 
     def lag(self, partition: int, messages: int) -> None:
         self.consumer_lag.labels(str(partition)).set(max(0, messages))
