@@ -101,6 +101,7 @@ class DeadLetters:
         self._retry_at = 0.0  # no (re)send before this (monotonic), after a failure
         self._backoff = 0.1
         self._was_full = False
+        self._next_warning = 0.0  # delivery failures are logged at most once a minute
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -248,7 +249,7 @@ class DeadLetters:
             with self._cv:
                 undelivered = [letter.future.exception for letter in self._pending
                                if letter.future is not None and letter.future.is_done and letter.future.failed()]
-                if undelivered:
+                if undelivered and self._warn_now():
                     log.warning("%d dead letters were not delivered to %r (%s); sending them again",
                                 len(undelivered), self.cfg.dlq_topic, type(undelivered[0]).__name__)
                 if failed or undelivered:
@@ -270,9 +271,17 @@ class DeadLetters:
             log.warning("dead letter too large even without payload (%s); retried later", e)
             return None
         except Exception as e:  # noqa: BLE001 - no broker, topic missing (metadata timeout): sent again later
-            log.warning("dead-letter send to %r failed (%s: %s); it stays queued and is retried", self.cfg.dlq_topic,
-                        type(e).__name__, e)
+            if self._warn_now():
+                log.warning("dead-letter send to %r failed (%s: %s); it stays queued and is retried",
+                            self.cfg.dlq_topic, type(e).__name__, e)
             return None
+
+    def _warn_now(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_warning:
+            return False
+        self._next_warning = now + 60.0
+        return True
 
     @staticmethod
     def _shrink(msg: dict) -> bool:
