@@ -145,3 +145,16 @@ def test_close_is_bounded_with_letters_pending() -> None:
     t = time.monotonic()
     dlq.close()
     assert time.monotonic() - t < 2.0
+
+
+@pytest.mark.parametrize("setting, key", [("kafka.dlq_compression=brotli", "kafka.dlq_compression"),
+                                          ("kafka.dlq_max_pending=0", "kafka.dlq_max_pending"),
+                                          ("kafka.dlq_max_block_ms=-1", "kafka.dlq_max_block_ms"),
+                                          ("kafka.unhealthy_after_s=0", "kafka.unhealthy_after_s"),
+                                          ("input.max_decoded_bytes=0", "input.max_decoded_bytes")])
+def test_ingest_settings_are_checked_at_start(setting: str, key: str) -> None:
+    from streamkd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [setting], env={})
+    assert e.value.key == key
