@@ -36,6 +36,7 @@ class Progress:
     kd_loss: float = float("nan")
     agreement: float | None = None
     label_accuracy: float | None = None
+    mid_record: bool = False  # the last batch ended inside a record: its offsets do not cover the images trained
     consecutive_skips: int = 0
     skipped_updates: int = 0
     started: float = field(default_factory=time.monotonic)

@@ -1,9 +1,14 @@
 """Decode records in a thread pool and assemble training batches that carry their resume offsets.
 
-A batch holds whole records only (an npy record of several images is never
-split), so "every record before these offsets is in the model" stays exactly
-true at every checkpoint. Rejected records advance the offsets too: they are
-dead-lettered, not retried.
+A batch holds at most ``batch_size`` images. An npy record with more images
+than fit is split over consecutive batches; every batch but the last of such a
+record is ``partial``: its offsets stop *before* that record, which counts as
+done only with its last image. The loop takes no checkpoint while it is in the
+middle of a record, so "every record before these offsets is in the model, and
+no image after them" stays exactly true at every checkpoint. Rejected records
+advance the offsets too: they are dead-lettered, not retried.
+
+Labels are checked against the teacher's classes here, before any step sees them.
 
 With a :class:`~streamkd.quarantine.DecodeJournal`, every decode is journaled
 so that a record whose decoding kills the process (a native decoder crash) is
@@ -22,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .decode import Decoded, Limits, Rejected, decode_record
+from .decode import Decoded, Limits, Rejected, check_decoded_bytes, decode_record
 from .gpu_decode import GpuJpegDecoder, JpegRef, check_jpeg
 from .preprocess import resize_uint8
 from .quarantine import DecodeJournal, TrainJournal, chunk_ranges
@@ -41,6 +46,7 @@ class Batch:
     records: int  # Kafka records in the batch (rejected ones included)
     first_offsets: dict[int, int]  # partition -> first offset in the batch (for logs on rollback)
     ready: "torch.cuda.Event | None" = None  # images already on the GPU: wait on this event before use
+    partial: bool = False  # the last record here continues in the next batch (take no checkpoint after this one)
 
     @property
     def size(self) -> int:
@@ -48,22 +54,37 @@ class Batch:
 
 
 def prepare(rec: RawRecord, limits: Limits, size: tuple[int, int], channels: int,
-            gpu_jpeg: bool = False) -> Decoded | Rejected | JpegRef:
+            gpu_jpeg: bool = False, num_classes: int | None = None) -> Decoded | Rejected | JpegRef:
     """Decode one record and bring every image to the teacher's size/channels (runs in the pool).
 
     With ``gpu_jpeg``, a JPEG that nvJPEG can take is only checked here (a JpegRef): the GPU decodes it.
+    With ``num_classes``, a ``label`` outside ``0..num_classes-1`` is rejected as ``bad_label``.
     """
     if gpu_jpeg:
         ref = check_jpeg(rec.value, rec.headers, limits)
         if ref is not None:
-            return ref
+            return _check_label(ref, num_classes) if isinstance(ref, JpegRef) else ref
     out = decode_record(rec.value, rec.headers, limits)
     if isinstance(out, Rejected):
         return out
+    bad = _check_label(out, num_classes)
+    if isinstance(bad, Rejected):
+        return bad
     images = out.images
+    # At the teacher's size a record can be far bigger than decoded (a batch of thumbnails
+    # for a 224x224 teacher): check before resizing allocates it.
+    too_big = check_decoded_bytes(int(images.shape[0]), channels, size[0], size[1], limits)
+    if too_big is not None:
+        return too_big
     if images.shape[1] != channels or tuple(images.shape[2:]) != tuple(size):
         images = torch.stack([resize_uint8(img, size, channels) for img in images])
     return Decoded(images=images.contiguous(), label=out.label)
+
+
+def _check_label(out: Decoded | JpegRef, num_classes: int | None) -> Decoded | JpegRef | Rejected:
+    if num_classes is not None and out.label is not None and not 0 <= out.label < num_classes:
+        return Rejected("bad_label", f"label {out.label} is not a class of the teacher (0..{num_classes - 1})")
+    return out
 
 
 class Batcher:
@@ -73,6 +94,7 @@ class Batcher:
                  limits: Limits, size: tuple[int, int], channels: int, workers: int, stop: threading.Event,
                  on_reject: Callable[[RawRecord, Rejected], None], pin_memory: bool = False,
                  journal: DecodeJournal | None = None, gpu: GpuJpegDecoder | None = None,
+                 num_classes: int | None = None, paused: Callable[[], bool] = lambda: False,
                  train_journal: TrainJournal | None = None):
         self.records, self.out = records, out
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
@@ -83,6 +105,8 @@ class Batcher:
         self.journal = journal
         self.train_journal = train_journal  # records that crashed the training step: dead-letter, not decode
         self.gpu = gpu  # nvJPEG decoder: JPEG pixels are decoded on the GPU, not in the CPU pool
+        self.num_classes = num_classes  # the teacher's: labels outside 0..num_classes-1 are rejected
+        self.paused = paused  # True while the intake must wait (e.g. the dead-letter backlog is full)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.error: BaseException | None = None
@@ -92,7 +116,7 @@ class Batcher:
 
     def _emit(self, images: list[torch.Tensor], labels: list[int], offsets: dict[int, int],
               first: dict[int, int], records: int,
-              refs: list[tuple[RawRecord, JpegRef]] | None = None) -> bool:
+              refs: list[tuple[RawRecord, JpegRef]] | None = None, partial: bool = False) -> bool:
         ready = None
         if images:
             if self.pin_memory:  # collate straight into pinned memory: the host->device copy is then async
@@ -119,7 +143,7 @@ class Batcher:
         # pinned: a pageable host->device copy could stall the stream; pinned ones are truly async
         y = torch.tensor(labels, dtype=torch.int64, pin_memory=self.pin_memory)
         batch = Batch(images=x, labels=y, offsets=dict(offsets),
-                      records=records, first_offsets=dict(first), ready=ready)
+                      records=records, first_offsets=dict(first), ready=ready, partial=partial)
         while not self.stop_event.is_set():
             try:
                 self.out.put(batch, timeout=0.1)
@@ -167,7 +191,7 @@ class Batcher:
             # list(): every decode finishes here, so the journal's "in flight" window
             # covers decoding only, not the wait for room in the batch queue.
             return list(self.pool.map(prepare, recs, [self.limits] * n, [self.size] * n, [self.channels] * n,
-                                      [self.gpu is not None] * n))
+                                      [self.gpu is not None] * n, [self.num_classes] * n))
 
         j = self.journal
         if j is None:
@@ -189,7 +213,7 @@ class Batcher:
             j.begin([(rec.partition, rec.offset, rec.offset)])
             # On the CPU even when nvJPEG is on: a JPEG left for the GPU would be decoded in
             # _emit, outside this record's journal entry (and nvJPEG may be what crashed).
-            out.append(prepare(rec, self.limits, self.size, self.channels, False))
+            out.append(prepare(rec, self.limits, self.size, self.channels, False, self.num_classes))
             j.passed(rec.partition, rec.offset)
             j.end()
         return out
@@ -204,29 +228,47 @@ class Batcher:
         started = 0.0
         chunk = max(self.batch_size, 64)
 
-        def flush() -> bool:
+        def flush(partial: bool = False) -> bool:
             nonlocal images, labels, refs, offsets, first, records, n
-            ok = self._emit(images, labels, offsets, first, records, refs)
+            ok = self._emit(images, labels, offsets, first, records, refs, partial)
             images, labels, refs, offsets, first, records, n = [], [], [], {}, {}, 0, 0
             return ok
 
         while not self.stop_event.is_set():
-            wait = 0.05 if not records else max(0.0, min(0.05, started + self.max_wait_s - time.monotonic()))
-            recs = self.records.get_many(chunk, timeout=wait)
+            if self.paused():
+                recs: list[RawRecord] = []  # the records wait in the queue (and the consumers behind it)
+                self.stop_event.wait(0.05)
+            else:
+                wait = 0.05 if not records else max(0.0, min(0.05, started + self.max_wait_s - time.monotonic()))
+                recs = self.records.get_many(chunk, timeout=wait)
             results = self._decode(recs)
             for rec, res in zip(recs, results):
                 if isinstance(res, Rejected):
                     self.on_reject(rec, res)
                 else:
                     k = 1 if isinstance(res, JpegRef) else int(res.images.shape[0])
-                    if n and n + k > self.batch_size:  # whole records only: flush first
+                    if n and n + k > self.batch_size:  # a record starts a batch unless it fits whole
                         if not flush():
                             return
                     if isinstance(res, JpegRef):
                         refs.append((rec, res))
                     else:
-                        images.append(res.images)
-                        labels.extend([-1 if res.label is None else res.label] * k)
+                        label = -1 if res.label is None else res.label
+                        done = 0
+                        while k - done > self.batch_size:
+                            # More images than one batch holds: train them batch by batch. Until its
+                            # last image is trained the record is not done, so these batches resume at it.
+                            images.append(res.images[done:done + self.batch_size])
+                            labels.extend([label] * self.batch_size)
+                            done += self.batch_size
+                            n = self.batch_size
+                            first.setdefault(rec.partition, rec.offset)
+                            offsets[rec.partition] = rec.offset  # resume AT this record: it is not done yet
+                            if not flush(partial=True):
+                                return
+                        images.append(res.images[done:] if done else res.images)
+                        labels.extend([label] * (k - done))
+                        k -= done
                     n += k
                 if not records:
                     started = time.monotonic()

@@ -60,6 +60,16 @@ class KafkaConfig:
     ssl_keyfile: Optional[str] = None
     ssl_password: Optional[str] = None
     ssl_check_hostname: bool = True
+    # Poll errors (codec, authorization, a deleted topic) for this long without a record delivered:
+    # /readyz fails. The cause is logged as an ERROR at least once a minute while they last.
+    unhealthy_after_s: float = 60.0
+    # The dead-letter producer: compression, how long a send may wait for metadata or buffer room
+    # (on its own thread, never on the training path), and how many unacknowledged dead letters
+    # are held before intake pauses (and /readyz fails) until the DLQ accepts them again.
+    dlq_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    dlq_max_block_ms: int = 5000
+    dlq_max_pending: int = 1000
+    dlq_max_pending_bytes: int = 64 << 20
     # Any other kafka-python consumer setting, checked against its own names.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -69,6 +79,9 @@ class InputConfig:
     max_bytes: int = 8 << 20
     max_pixels: int = 4_194_304  # 2048×2048; bounds the CPU a tiny hostile JPEG header can cost
     max_images: int = 1024
+    # uint8 bytes of one record's images once decoded and brought to the teacher's size (a float32
+    # copy is four times this): bigger records are rejected as too_large.
+    max_decoded_bytes: int = 64 << 20
     decode_workers: int = 2
     max_wait_ms: int = 200  # a partial batch is trained after this long without new records
     gpu_decode: bool = True  # on CUDA, decode JPEG with nvJPEG (batched, on a side stream)
@@ -403,11 +416,12 @@ def validate(cfg: Config) -> None:
     if cfg.kafka.dlq_topic is not None and cfg.kafka.dlq_topic == cfg.kafka.topic:
         raise ConfigError("kafka.dlq_topic", "must differ from kafka.topic")
     _positive(cfg, "kafka", "consumers", "queue_records", "max_poll_records", "fetch_max_bytes",
-              "max_partition_fetch_bytes", "request_timeout_ms", "reconnect_backoff_max_ms", "metadata_refresh_s")
+              "max_partition_fetch_bytes", "request_timeout_ms", "reconnect_backoff_max_ms", "metadata_refresh_s",
+              "unhealthy_after_s", "dlq_max_block_ms", "dlq_max_pending", "dlq_max_pending_bytes")
     _check_kafka_extra(cfg.kafka.extra)
     if cfg.kafka.security_protocol.startswith("SASL") and cfg.kafka.sasl_mechanism is None:
         raise ConfigError("kafka.sasl_mechanism", f"required with security_protocol {cfg.kafka.security_protocol}")
-    _positive(cfg, "input", "max_bytes", "max_pixels", "max_images", "decode_workers")
+    _positive(cfg, "input", "max_bytes", "max_pixels", "max_images", "max_decoded_bytes", "decode_workers")
     _positive(cfg, "input", "max_wait_ms", allow_zero=True)
     for section in ("teacher", "student"):
         sc = getattr(cfg, section)

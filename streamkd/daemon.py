@@ -125,7 +125,7 @@ def build(cfg: Config, registry: CollectorRegistry | None = None, *, intake: Kaf
     log.info("teacher %s (%d classes, %s, %s), student %s (%s) on %s", t.model, num_classes,
              f"weights sha256 {sha[:12]}" if sha else "random init", precision_name(teacher_amp), s.model,
              precision_name(amp), device)
-    intake = intake if intake is not None else KafkaIntake(cfg, metrics, device)
+    intake = intake if intake is not None else KafkaIntake(cfg, metrics, device, num_classes)
     accounting = StepAccounting(Progress(), metrics, cfg.train.agreement_window, device, on_done=intake.end_step)
     persistence = Persistence(cfg, learner, checkpoints, snapshots, metrics, teacher_sha256=sha,
                               manifest=functools.partial(manifest, cfg, num_classes, teacher_info))
@@ -196,6 +196,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                     accounting.drain()
                     persistence.rollback(prog, f"{prog.consecutive_skips} consecutive non-finite updates")
             if batch is not None:
+                prog.mid_record = batch.partial  # inside a big record: no checkpoint until its last image
                 prog.offsets.update(batch.offsets)  # these records are now in the model (or dead-lettered)
                 prog.records_done += batch.records
             prog.rejected = intake.rejected

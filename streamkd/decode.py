@@ -28,6 +28,7 @@ class Limits:
     max_bytes: int = 8 << 20  # record value size in bytes
     max_pixels: int = 16_777_216  # H*W per image, checked from the header BEFORE full decode
     max_images: int = 1024  # images per record (npy batch)
+    max_decoded_bytes: int = 64 << 20  # uint8 bytes of a record's decoded images, checked from the header
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,21 @@ def _check_pixels(width: int, height: int, limits: Limits) -> None:
                       f"{width}x{height} = {width * height} px > max_pixels {limits.max_pixels}")
 
 
+def check_decoded_bytes(n: int, c: int, h: int, w: int, limits: Limits) -> Rejected | None:
+    """A Rejected when ``n`` uint8 images of C×H×W exceed ``limits.max_decoded_bytes``, else None."""
+    size = n * c * h * w
+    if size > limits.max_decoded_bytes:
+        return Rejected("too_large", f"{n}x{c}x{h}x{w} decodes to {size} bytes > max_decoded_bytes "
+                                     f"{limits.max_decoded_bytes}")
+    return None
+
+
+def _check_decoded(n: int, c: int, h: int, w: int, limits: Limits) -> None:
+    bad = check_decoded_bytes(n, c, h, w, limits)
+    if bad is not None:
+        raise _Reject(bad.reason, bad.detail)
+
+
 def _webp_canvas_size(value: bytes) -> tuple[int, int] | None:
     """(width, height) from the first WebP chunk header, or None if malformed.
 
@@ -199,6 +215,7 @@ def _decode_image(value: bytes, fmt: str, limits: Limits) -> np.ndarray:
         _check_pixels(*size, limits)
     with _OPENERS[fmt](io.BytesIO(value)) as im:  # parses the header only
         _check_pixels(*im.size, limits)
+        _check_decoded(1, 3, im.size[1], im.size[0], limits)  # at most 3 channels come out
         im.load()  # raises on truncation: LOAD_TRUNCATED_IMAGES is left False
         return _pil_to_nchw(im)
 
@@ -266,6 +283,7 @@ def _decode_npy(value: bytes, limits: Limits) -> np.ndarray:
     if n > limits.max_images:
         raise _Reject("too_many_images", f"{n} images > max_images {limits.max_images}")
     _check_pixels(w, h, limits)
+    _check_decoded(n, min(c, 3), h, w, limits)  # alpha is dropped
 
     count = n * c * h * w
     offset = fp.tell()

@@ -30,13 +30,16 @@ log = logging.getLogger(__name__)
 class KafkaIntake:
     """Batches from a Kafka topic. Built at start-up, connected by :meth:`start` once the resume offsets are known."""
 
-    def __init__(self, cfg: Config, metrics: Metrics, device: torch.device):
+    def __init__(self, cfg: Config, metrics: Metrics, device: torch.device, num_classes: int):
         self.cfg, self.metrics, self.device = cfg, metrics, device
+        self.num_classes = num_classes  # the teacher's: a label outside 0..num_classes-1 is rejected (bad_label)
         self.batches: queue.Queue[Batch] = queue.Queue(maxsize=cfg.train.prefetch_batches)
         self.stop_event = threading.Event()  # stops consuming; the loop itself stops on its own event
         # Values are cut to stay under the producer's (and Kafka's default broker) 1 MiB request limit,
         # with room left for key, headers and batch overhead.
-        self.dlq = DeadLetters(cfg.kafka, max_value_bytes=min(cfg.input.max_bytes, 1_000_000))
+        self.dlq = DeadLetters(cfg.kafka, max_value_bytes=min(cfg.input.max_bytes, 1_000_000),
+                               on_pending=metrics.dead_letters_pending,
+                               on_error=lambda op: metrics.kafka_errors.labels(op).inc())
         self.rejected = 0
         self.source: KafkaSource | None = None
         self.batcher: Batcher | None = None
@@ -52,19 +55,21 @@ class KafkaIntake:
         # restarts, instead of crash-looping (quarantine.py). The journals live beside the checkpoints.
         decode_journal = DecodeJournal(cfg.checkpoint.dir, offsets, max_crashes=cfg.train.max_crashes)
         self.train_journal = TrainJournal(cfg.checkpoint.dir, offsets, max_crashes=cfg.train.max_crashes)
-        limits = Limits(cfg.input.max_bytes, cfg.input.max_pixels, cfg.input.max_images)
+        limits = Limits(cfg.input.max_bytes, cfg.input.max_pixels, cfg.input.max_images, cfg.input.max_decoded_bytes)
         self.batcher = Batcher(
             records, self.batches, batch_size=cfg.train.batch_size, max_wait_s=cfg.input.max_wait_ms / 1000,
             limits=limits, size=cfg.teacher.input_size, channels=cfg.teacher.channels,
             workers=cfg.input.decode_workers, stop=self.stop_event, on_reject=self._reject,
             pin_memory=self.device.type == "cuda", gpu=_gpu_decoder(cfg, self.device), journal=decode_journal,
-            train_journal=self.train_journal)
+            train_journal=self.train_journal, num_classes=self.num_classes,
+            paused=lambda: self.dlq.full)  # a full dead-letter backlog pauses intake (and fails /readyz)
         self.source.start()
         self.batcher.start()
 
     @property
     def ready(self) -> bool:
-        return self.source is not None and self.source.ready
+        """Consumer assigned, no persistent Kafka errors, room for dead letters."""
+        return self.source is not None and self.source.ready and not self.dlq.full
 
     def next(self, timeout: float) -> Batch | None:
         """The next batch, or None after ``timeout`` seconds without one. Raises if the decode stage died."""

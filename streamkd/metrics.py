@@ -49,6 +49,9 @@ class Metrics:
         self.snapshot_write_failures = Counter(
             "streamkd_snapshot_write_failures",
             "Background snapshot publications that failed (the previous one stays).", **r)
+        self.dlq_pending = Gauge(
+            "streamkd_dlq_pending", "Dead letters not yet acknowledged (offsets covering them stay uncommitted).",
+            **r)
         self.kd_loss = Gauge("streamkd_kd_loss", "KD loss (T^2-scaled), mean over the last log interval.", **r)
         self.agreement = Gauge(
             "streamkd_teacher_agreement_ratio",
@@ -80,7 +83,7 @@ class Metrics:
         Info("streamkd_build", "Build information.", **r).info(
             {"version": __version__, "torch": torch.__version__.split("+")[0], "device": device})
         # Pre-create the usual label values so dashboards show zeros rather than "no data".
-        for reason in ("corrupt", "too_large", "too_many_pixels", "unknown_format"):
+        for reason in ("corrupt", "too_large", "too_many_pixels", "unknown_format", "bad_label"):
             self.messages_rejected.labels(reason)
         for reason in ("nonfinite_loss", "nonfinite_grad"):
             self.updates_skipped.labels(reason)
@@ -114,6 +117,9 @@ class Metrics:
     def skipped_samples(self, reason: str, n: int) -> None:
         if n:
             self.samples_skipped.labels(reason).inc(n)
+
+    def dead_letters_pending(self, n: int) -> None:
+        self.dlq_pending.set(n)
 
     def lag(self, partition: int, messages: int) -> None:
         self.consumer_lag.labels(str(partition)).set(max(0, messages))

@@ -81,6 +81,8 @@ class Persistence:
 
     def _ckpt_due(self, prog: Progress, now: float) -> bool:
         c = self.cfg.checkpoint
+        if prog.mid_record:  # the offsets would not match the samples: wait for the record's last image
+            return False
         return prog.step - self.ckpt_step >= c.every_steps or (now - self.ckpt_t >= c.every_seconds
                                                                  and bool(prog.offsets))
 
@@ -168,12 +170,17 @@ class Persistence:
 
     # -- stop ----------------------------------------------------------------------------------
     def close(self, prog: Progress) -> None:
-        """Keep what was trained: a final checkpoint (and commit), a final snapshot, then stop the writer."""
+        """Keep what was trained: a final checkpoint (and commit), a final snapshot, then stop the writer.
+
+        Stopped inside a big record, the previous checkpoint stays the resume point (that record is trained
+        again, from its first image, into that lineage), and no snapshot of the later weights is published.
+        """
         try:
-            if prog.offsets and self._ckpt_covers != (prog.step, prog.offsets):
+            final = not prog.mid_record
+            if final and prog.offsets and self._ckpt_covers != (prog.step, prog.offsets):
                 self.checkpoint(prog, sync=True)
             self._wait("_ckpt", "checkpoint")
-            if (prog.step > self.snap_step or not self.snapshots.versions()) and prog.step > 0:
+            if final and (prog.step > self.snap_step or not self.snapshots.versions()) and prog.step > 0:
                 self.snapshot(prog, sync=True)
             self._wait("_snap", "snapshot")
         finally:

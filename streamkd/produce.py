@@ -64,11 +64,20 @@ def folder_records(folder: Path) -> Iterator[tuple[bytes, list[tuple[str, bytes]
         yield path.read_bytes(), headers
 
 
-def make_producer(bootstrap: str, **extra):
+COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+
+
+def make_producer(bootstrap: str, compression: str = "none", **extra):
+    """A KafkaProducer for the wire format; ``compression``: one of COMPRESSIONS (record batches, as Kafka's
+    ``compression.type``)."""
     from kafka import KafkaProducer
 
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10, batch_size=256 * 1024,
-                         max_request_size=16 << 20, retries=10, **extra)
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"Invalid compression {compression!r}. Valid: {', '.join(COMPRESSIONS)}")
+    settings = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=10, batch_size=256 * 1024,
+                    max_request_size=16 << 20, retries=10,
+                    compression_type=None if compression == "none" else compression)
+    return KafkaProducer(**{**settings, **extra})
 
 
 def produce(records, bootstrap: str, topic: str, *, rate: float | None = None, total: int | None = None,
@@ -112,6 +121,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--labels", action="store_true", help="add the ground-truth `label` header")
     p.add_argument("--format", choices=["png", "jpeg", "webp", "npy"], default="png")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="none",
+                   help="Kafka record-batch compression (the consumer reads every one of them)")
     p.add_argument("--limit", type=int, help="at most N images")
     p.add_argument("--rate", type=float, help="images per second (default: as fast as possible)")
     p.add_argument("--loop", action="store_true", help="repeat forever (a continuous demo stream)")
@@ -126,7 +137,7 @@ def _main(args: argparse.Namespace) -> int:
     from .broker import ensure_topics
 
     ensure_topics(args.bootstrap_servers, {args.topic: args.partitions})
-    producer = make_producer(args.bootstrap_servers)
+    producer = make_producer(args.bootstrap_servers, args.compression)
     total = 0
     try:
         for _ in itertools.count() if args.loop else range(1):

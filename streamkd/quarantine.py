@@ -256,4 +256,5 @@ class TrainJournal(DecodeJournal):
 
 def batch_ranges(first: dict[int, int], next_offsets: dict[int, int]) -> list[tuple[int, int, int]]:
     """``[(partition, first, last)]`` of a batch, from its first offsets and its resume (next) offsets."""
-    return [(p, first[p], next_offsets[p] - 1) for p in sorted(next_offsets) if p in first]
+    # A batch that holds only part of a big record resumes *at* that record: it is still one offset.
+    return [(p, first[p], max(first[p], next_offsets[p] - 1)) for p in sorted(next_offsets) if p in first]

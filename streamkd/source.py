@@ -105,6 +105,46 @@ class RecordQueue:
         return len(self._items)
 
 
+class ErrorStreak:
+    """Errors of one consumer thread with no progress between them: a codec the client lacks, a
+    topic the credentials may not read, a deleted topic. A restart does not cure those, so after
+    ``unhealthy_after_s`` the source stops looking ready, and the cause is logged as an ERROR at
+    least every ``log_every_s`` while the streak lasts (the first error, possibly transient, is a WARNING).
+    """
+
+    def __init__(self, unhealthy_after_s: float, log_every_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.unhealthy_after_s, self.log_every_s, self.clock = unhealthy_after_s, log_every_s, clock
+        self.since: float | None = None  # first error of the current streak
+        self.errors = 0
+        self._next_error_log = 0.0
+
+    def failed(self, cause: str) -> None:
+        now = self.clock()
+        if self.since is None:
+            self.since, self.errors = now, 0
+            self._next_error_log = now + min(self.unhealthy_after_s, self.log_every_s)
+            log.warning("%s; retrying (not ready if it lasts %.0f s)", cause, self.unhealthy_after_s)
+        self.errors += 1
+        if now >= self._next_error_log:
+            self._next_error_log = now + self.log_every_s
+            log.error("%s: failing for %.0f s (%d errors) without a record delivered%s", cause, now - self.since,
+                      self.errors, "; not ready" if self.unhealthy else "")
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info("Kafka consumption recovered after %.0f s of errors", self.clock() - self.since)
+        self.since = None
+
+    @property
+    def unhealthy(self) -> bool:
+        return self.since is not None and self.clock() - self.since >= self.unhealthy_after_s
+
+
+class _PollFailed(Exception):
+    """A poll error: the consumer is recreated (kafka-python can keep a partition parked after one)."""
+
+
 @dataclass
 class SourceStatus:
     """What the consumer threads report; read by the loop and /readyz."""
@@ -136,6 +176,7 @@ class KafkaSource:
         self._threads: list[threading.Thread] = []
         self._committer = None
         self._commit_lock = threading.Lock()
+        self._streaks = [ErrorStreak(cfg.unhealthy_after_s) for _ in range(cfg.consumers)]
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -152,7 +193,8 @@ class KafkaSource:
     @property
     def ready(self) -> bool:
         with self._lock:
-            return bool(self.status.assigned) and self.status.reachable
+            return (bool(self.status.assigned) and self.status.reachable
+                    and not any(streak.unhealthy for streak in self._streaks))
 
     def highwater(self) -> dict[int, int]:
         with self._lock:
@@ -247,6 +289,17 @@ class KafkaSource:
         if was != ok or (not ok and message):
             (log.info if ok else log.warning)(message or ("Kafka reachable" if ok else "Kafka unreachable"))
 
+    def _caught_up(self, consumer, owned: list[int]) -> bool:
+        """Every owned partition's position is at its fetched high watermark."""
+        from kafka import TopicPartition
+
+        for p in owned:
+            tp = TopicPartition(self.cfg.topic, p)
+            hw = consumer.highwater(tp)
+            if hw is None or consumer.position(tp) < hw:
+                return False
+        return True
+
     def _mine(self, partitions: Iterable[int], index: int) -> list[int]:
         return sorted(p for p in partitions if p % self.cfg.consumers == index)
 
@@ -256,6 +309,8 @@ class KafkaSource:
 
         parts = consumer.partitions_for_topic(self.cfg.topic)
         if not parts:
+            if owned:
+                raise LookupError(f"topic {self.cfg.topic!r} is gone from the cluster metadata (deleted?)")
             return owned
         mine = self._mine(parts, index)
         if mine == owned:
@@ -337,6 +392,8 @@ class KafkaSource:
             try:
                 self._consume(consumer, index)
                 return  # stopped
+            except _PollFailed:
+                pass  # counted and logged by the streak; reconnect below, resuming at self._next
             except Exception as e:  # noqa: BLE001 - a dead thread would stall the daemon silently
                 self.on_error("consumer")
                 self._set_reachable(False, f"consumer {index} failed ({type(e).__name__}: {e}); reconnecting")
@@ -362,15 +419,18 @@ class KafkaSource:
                 try:
                     owned = self._assign_new(consumer, index, owned, unverified)
                 except Exception as e:  # noqa: BLE001
-                    log.warning("partition discovery failed: %s", e)
                     self.on_error("metadata")
+                    self._streaks[index].failed(f"consumer {index}: partition discovery failed "
+                                                f"({type(e).__name__}: {e})")
+                    raise _PollFailed from e
                 if not owned:
                     try:
                         exists = self.cfg.topic in (consumer.topics() or set())
                     except Exception:  # noqa: BLE001 - broker trouble: same wait
                         exists = True
                     if not exists:
-                        log.warning("topic %r does not exist yet; waiting", self.cfg.topic)
+                        self.on_error("metadata")
+                        self._streaks[index].failed(f"topic {self.cfg.topic!r} does not exist")
                     self.stop_event.wait(1.0)
                     continue
             try:
@@ -387,11 +447,14 @@ class KafkaSource:
                 self._reposition(consumer, {p: (om.offset if om is not None else None) for p, om in div.items()},
                                  "position")
                 continue
-            except Exception as e:  # noqa: BLE001 - kafka-python retries connections itself
+            except Exception as e:  # noqa: BLE001 - codec, authorization, deleted topic, broker trouble
+                # Not a transient blip to wait out: kafka-python can leave the partition parked
+                # behind a failed record batch, fetching nothing more, while the probe below still
+                # succeeds. A fresh consumer fetches the same offsets again; the streak decides
+                # when a failure that keeps coming back makes the source unready.
                 self.on_error("poll")
-                self._set_reachable(False, f"Kafka poll failed ({type(e).__name__}: {e}); retrying")
-                self.stop_event.wait(1.0)
-                continue
+                self._streaks[index].failed(f"consumer {index}: Kafka poll failed ({type(e).__name__}: {e})")
+                raise _PollFailed from e
             for p in list(unverified):
                 hw = consumer.highwater(TopicPartition(self.cfg.topic, p))
                 if hw is not None:  # a fetch response arrived: its high watermark is the log end
@@ -409,7 +472,10 @@ class KafkaSource:
             if n:
                 self.on_consumed(n)
                 self._set_reachable(True, "Kafka reachable again")
+                self._streaks[index].ok()
                 last_probe = time.monotonic()
+            elif self._streaks[index].since is not None and self._caught_up(consumer, owned):
+                self._streaks[index].ok()  # nothing left to fetch: the error is behind us
             with self._lock:
                 for p in owned:
                     hw = consumer.highwater(TopicPartition(self.cfg.topic, p))

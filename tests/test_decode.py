@@ -323,6 +323,21 @@ def test_npy_limits_come_from_the_header_alone() -> None:
         assert _reason(buf.getvalue()) == reason
 
 
+def test_decoded_size_cap_comes_from_the_header_alone() -> None:
+    # 1000 images of 100x100x3 = 30 MB decoded, promised by a 128-byte header with no data behind it.
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (1000, 100, 100, 3)})
+    limits = Limits(max_images=1000, max_decoded_bytes=16 << 20)
+    assert _reason(buf.getvalue(), limits=limits) == "too_large"
+    # The cap counts what comes out: alpha is dropped, so 4 channels cost 3.
+    assert _decoded(_npy(np.zeros((2, 10, 10, 4), np.uint8)), limits=Limits(max_decoded_bytes=600))
+    assert _reason(_npy(np.zeros((2, 10, 10, 4), np.uint8)), limits=Limits(max_decoded_bytes=599)) == "too_large"
+    # Images too: a PNG whose RGB pixels exceed the cap is rejected before it is decoded.
+    png = _pil_bytes(Image.new("RGB", (40, 30)), "PNG")
+    assert _decoded(png, limits=Limits(max_decoded_bytes=40 * 30 * 3))
+    assert _reason(png, limits=Limits(max_decoded_bytes=40 * 30 * 3 - 1)) == "too_large"
+
+
 def test_huge_npy_header_is_corrupt() -> None:
     buf = io.BytesIO()
     np.lib.format.write_array_header_2_0(
