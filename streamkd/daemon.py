@@ -13,7 +13,6 @@ checkpoint's offsets.
 
 from __future__ import annotations
 
-import copy
 import logging
 import queue
 import threading
@@ -36,6 +35,7 @@ from .metrics import Metrics
 from .quarantine import DecodeJournal
 from .models import TEACHER_SPEC, build_model, file_sha256, num_classes_of, shipped_teacher_weights
 from .server import HttpServer
+from .export import snapshot_extras
 from .snapshot import NonFiniteWeights, SnapshotStore
 from .dlq import DeadLetters
 from .source import KafkaSource, RawRecord, RecordQueue
@@ -136,8 +136,8 @@ def build(cfg: Config, registry: CollectorRegistry | None = None) -> Parts:
     learner = Learner(student_model, s_spec, cfg.train, device, amp, cfg.train.channels_last, cfg.train.compile)
     checkpoints = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                                   on_fallback=lambda p, why: _fallback(metrics, "checkpoint", p, why))
-    snapshots = SnapshotStore(cfg.snapshot.dir, keep=cfg.snapshot.keep,
-                              on_fallback=lambda v, why: _fallback(metrics, "snapshot", v, why))
+    snapshots = SnapshotStore.from_config(cfg.snapshot,
+                                          on_fallback=lambda v, why: _fallback(metrics, "snapshot", v, why))
     log.info("teacher %s (%d classes, %s, %s), student %s (%s) on %s", t.model, num_classes,
              f"weights sha256 {sha[:12]}" if sha else "random init", precision_name(teacher_amp), s.model,
              precision_name(amp), device)
@@ -313,10 +313,10 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
             _result(pending_ckpt, "checkpoint")
             pending_ckpt = None
 
-    def publish(weights: dict[str, torch.Tensor], manifest: dict, model_copy) -> None:
-        extra = _exporters(cfg, model_copy, parts)
+    def publish(weights: dict[str, torch.Tensor], manifest: dict) -> None:
         try:
-            m = parts.snapshots.publish(weights, manifest, extra_files=extra)
+            extras = snapshot_extras(manifest["student"], cfg.snapshot)  # exports run in a child process
+            m = parts.snapshots.publish(weights, manifest, write_extras=extras)
         except NonFiniteWeights as e:
             log.error("snapshot refused: %s (the previous snapshot stays the newest)", e)
             return
@@ -329,11 +329,9 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
         if pending_snap is not None:
             _result(pending_snap, "snapshot")
         weights = learner.weights()  # the optimizer state stays on the device: a snapshot does not keep it
-        model_copy = (copy.deepcopy(learner.student).cpu().eval().to(memory_format=torch.contiguous_format)
-                      if cfg.snapshot.formats else None)
         manifest = _manifest(cfg, parts, prog)
         last_snap_step, last_snap_t = prog.step, time.monotonic()
-        pending_snap = writer.submit(publish, weights, manifest, model_copy)
+        pending_snap = writer.submit(publish, weights, manifest)
         if sync:
             _result(pending_snap, "snapshot")
             pending_snap = None
@@ -458,6 +456,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                 _result(pending_snap, "snapshot")
         finally:
             writer.shutdown(wait=True)
+            parts.snapshots.close()
             source.join(timeout=2.0)
             source.close()
             dlq.close()
@@ -529,22 +528,3 @@ def _manifest(cfg: Config, parts: Parts, prog: Progress) -> dict:
         "config_sha256": cfg.sha256(),
     }
 
-
-def _exporters(cfg: Config, model, parts: Parts) -> dict:
-    if not cfg.snapshot.formats or model is None:
-        return {}
-    from .export import snapshot_exporters
-
-    c, h, w = cfg.student_channels, *cfg.student_input_size
-
-    def guarded(name: str, write):
-        def run(path: Path) -> None:
-            try:
-                write(path)
-            except Exception as e:  # noqa: BLE001 - a failed export must not cost the snapshot itself
-                log.error("export %s failed (%s: %s); publishing the snapshot without it", name, type(e).__name__, e)
-                path.unlink(missing_ok=True)
-        return run
-
-    return {name: guarded(name, write)
-            for name, write in snapshot_exporters(model, (1, c, h, w), cfg.snapshot.formats).items()}
