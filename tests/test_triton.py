@@ -112,3 +112,23 @@ def test_bad_arguments() -> None:
         model_config("pt2", STUDENT)
     with pytest.raises(ValueError, match="max_batch_size"):
         model_config("onnx", STUDENT, max_batch_size=0)
+
+
+def test_pull_into_a_triton_repository(repo, tmp_path) -> None:
+    """`streamkd pull URL REPO/MODEL` writes a model folder Triton can poll: config.pbtxt beside the versions."""
+    from prometheus_client import CollectorRegistry
+
+    from streamkd.pull import pull_once
+    from streamkd.server import HttpServer
+
+    root, _ = repo
+    server = HttpServer("127.0.0.1", 0, CollectorRegistry(), healthy=lambda: True, ready=lambda: True,
+                        snapshots=SnapshotStore(root / "student"))
+    server.start()
+    try:
+        assert pull_once(f"http://127.0.0.1:{server.port}", tmp_path / "models" / "fmnist") == 1
+    finally:
+        server.stop()
+    model_dir = tmp_path / "models" / "fmnist"
+    assert parse((model_dir / CONFIG_FILE).read_text()).platform == "onnxruntime_onnx"
+    assert (model_dir / "1" / "model.onnx").is_file() and (model_dir / "1" / "model.pt").is_file()
