@@ -370,7 +370,8 @@ class SnapshotExports:
         for p in list(vdir.iterdir()):
             if p.name.startswith(".tmp-"):
                 remove_tree(p)
-            elif any(p.name.startswith(FORMATS[f]) for f in self.formats if f not in done):
+            elif any(p.name == FORMATS[f] or p.name.startswith(FORMATS[f] + ".") for f in self.formats
+                     if f not in done):  # the file and its companions (model.onnx.data)
                 p.unlink(missing_ok=True)
         from .triton import CONFIG_FILE, servable_format, write_model_config
 

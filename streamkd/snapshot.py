@@ -116,7 +116,6 @@ class SnapshotStore:
         self.keep = keep
         self.on_fallback = on_fallback
         self.on_published = on_published
-        self._closers: list[Callable[[float], None]] = []
         self.uploader: Any = None  # a streamkd.publish.Uploader when built from a config with publish_to
         self.directory.mkdir(parents=True, exist_ok=True)
         self._publish_lock = threading.Lock()
@@ -350,15 +349,14 @@ class SnapshotStore:
             uploader = Uploader(cfg.publish_to, dict(cfg.publish_options), keep=cfg.keep,
                                 backoff_max_s=cfg.publish_backoff_max_s)
             uploader.start()
-            store.on_published = lambda version, vdir: uploader.submit(version, vdir)
-            store._closers.append(uploader.close)
+            store.on_published = uploader.submit
             store.uploader = uploader
         return store
 
     def close(self, timeout: float = 30.0) -> None:
         """Let background uploads finish (up to `timeout` seconds), then stop them."""
-        for close in self._closers:
-            close(timeout)
+        if self.uploader is not None:
+            self.uploader.close(timeout)
 
     def _next_version(self) -> int:
         """Newest number ever used + 1: folders, LATEST, trash, and this process's memory.

@@ -283,3 +283,20 @@ def test_one_failing_format_keeps_the_others(student, tmp_path, caplog) -> None:
 def test_snapshot_exports_rejects_unknown_format() -> None:
     with pytest.raises(ValueError, match="Invalid snapshot format 'tflite'"):
         SnapshotExports(daemon_manifest()["student"], ["onnx", "tflite"])
+
+
+def test_cleanup_keeps_exactly_the_finished_files(tmp_path, monkeypatch) -> None:
+    """After the child: a failed format's file and any temporary go, a finished one stays (model.pt2
+    survives a failed model.pt although its name starts the same)."""
+    def child(self, vdir):
+        (vdir / "model.pt").write_bytes(b"half-written")
+        (vdir / "model.pt2").write_bytes(b"exported")
+        (vdir / ".tmp-model.pt.1234").mkdir()
+        (vdir / ".tmp-model.pt.1234" / "model.pt").write_bytes(b"x")
+        return {"torchscript": {"format": "torchscript", "ok": False, "error": "simulated"},
+                "pt2": {"format": "pt2", "ok": True, "dynamic_batch": True}}
+
+    monkeypatch.setattr(SnapshotExports, "_run_worker", child)
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    SnapshotExports(daemon_manifest()["student"], ["torchscript", "pt2"])(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "model.safetensors"]
