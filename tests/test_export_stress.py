@@ -1,9 +1,12 @@
 """Many snapshot exports while the student trains, on the CPU: training must never be disturbed.
 
-torch.export/dynamo keep process-global state; run beside a training step in the same process they
-crashed it (``KeyError: 'custom'`` from ``torch/fx/traceback.py`` inside ``optimizer.zero_grad``).
-Here the loop publishes a snapshot with ONNX and TorchScript exports every few steps, as the daemon
-does (weights copied on the loop thread, published on a writer thread), for a few hundred steps.
+torch.export/dynamo keep process-global state: while an export runs, ``torch.compiler.is_exporting()``
+is true for every thread, so the optimizer's dynamo-disabled methods (``zero_grad``, ``step``) edit the
+global FX annotation dict at the same time as the exporter, and training crashed with ``KeyError:
+'custom'`` from ``torch/fx/traceback.py``. Here the loop publishes a snapshot with ONNX and TorchScript
+exports every few steps, as the daemon does (weights copied on the loop thread, published on a writer
+thread), with small batches so that many optimizer steps fall inside each export, and checks at every
+step that the training process never enters export mode.
 """
 
 from __future__ import annotations
@@ -28,21 +31,22 @@ def test_many_exports_beside_training(tmp_path) -> None:
     torch.manual_seed(0)
     teacher = build_model("streamkd:lenet5", 10, in_channels=1, input_size=(28, 28)).eval()
     student = build_model("streamkd:lenet5", 10, in_channels=1, input_size=(28, 28))
-    learner = Learner(student, InputSpec((28, 28), 1, FMNIST_MEAN, FMNIST_STD), TrainConfig(batch_size=32),
+    learner = Learner(student, InputSpec((28, 28), 1, FMNIST_MEAN, FMNIST_STD), TrainConfig(batch_size=4),
                       torch.device("cpu"), None, channels_last=True)
     store = SnapshotStore(tmp_path, keep=50)
     extras = SnapshotExports(STUDENT, ["onnx", "torchscript"])
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
     pending: Future | None = None
-    published, step, last_snap = [], 0, 0
+    published, step, last_snap, exporting_steps = [], 0, 0, 0
     try:
         # At least 300 steps, and on until 3 exported snapshots were published beside them.
         while step < 300 or len(published) < 3:
             assert step < 200_000, "the exports never finished"
-            x = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
+            x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
             with torch.inference_mode():
                 t_logits = teacher(learner.spec(x))
-            stats = learner.step(x, t_logits, torch.full((32,), -1))
+            exporting_steps += torch.compiler.is_exporting()  # process-global: true during an in-process export
+            stats = learner.step(x, t_logits, torch.full((4,), -1))
             assert torch.isfinite(stats).all()
             step += 1
             if pending is not None and pending.done():
@@ -57,6 +61,7 @@ def test_many_exports_beside_training(tmp_path) -> None:
     finally:
         writer.shutdown(wait=True)
     assert len(published) >= 3
+    assert exporting_steps == 0, f"{exporting_steps} of {step} training steps ran while this process was exporting"
     for m in published:  # every snapshot has both exports, hashed into its manifest
         assert {"model.onnx", "model.pt", "config.pbtxt"} <= set(m["files"])
     # The newest export serves the weights it was published with.
