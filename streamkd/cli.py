@@ -19,7 +19,7 @@ from .logs import setup_logging
 log = logging.getLogger("streamkd")
 
 # Modules that add a subcommand with `register(subparsers)` (imported lazily: torch is slow to import).
-COMMANDS = ("broker", "produce", "demo", "evaluate", "export", "pull", "train_teacher")
+COMMANDS = ("broker", "produce", "demo", "evaluate", "export", "pull", "status", "train_teacher")
 
 
 class UsageError(Exception):

@@ -151,6 +151,13 @@ class SnapshotConfig:
     every_seconds: float = 300.0
     keep: int = 5
     formats: tuple[Literal["onnx", "torchscript", "pt2"], ...] = ()
+    export_timeout_s: float = 600.0  # per snapshot, for the export process (all formats)
+    export_threads: int = 1  # CPU threads of the export process (it also runs at a lower priority)
+    triton_max_batch_size: int = 64  # config.pbtxt: the largest batch Triton may form
+    triton_max_queue_delay_us: int = 100  # config.pbtxt: how long Triton may wait to fill a batch
+    publish_to: Optional[str] = None  # fsspec URL (s3://bucket/prefix, gs://..., file:///...) to upload to
+    publish_options: Mapping[str, Any] = field(default_factory=dict)  # passed to the fsspec filesystem
+    publish_backoff_max_s: float = 60.0  # longest wait between upload retries
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,7 @@ class Config:
                 if out[section].get(key) is not None:
                     out[section][key] = "***"
             out["kafka"]["extra"] = {k: ("***" if _looks_secret(k) else v) for k, v in out["kafka"]["extra"].items()}
+            out["snapshot"]["publish_options"] = _redact_tree(out["snapshot"]["publish_options"])
         return out
 
     def sha256(self) -> str:
@@ -216,6 +224,13 @@ class Config:
 
 def _looks_secret(key: str) -> bool:
     return any(word in key.lower() for word in ("password", "secret", "token", "key"))
+
+
+def _redact_tree(value: Any) -> Any:
+    """Nested mapping with every secret-looking key's value replaced by ``"***"``."""
+    if isinstance(value, Mapping):
+        return {k: ("***" if _looks_secret(str(k)) else _redact_tree(v)) for k, v in value.items()}
+    return value
 
 
 def _to_plain(value: Any) -> Any:
@@ -304,7 +319,7 @@ def _check_token_given(merged: Mapping[str, Any]) -> None:
 
 def _deep_merge(dst: dict, src: Mapping) -> None:
     for k, v in src.items():
-        if isinstance(v, Mapping) and isinstance(dst.get(k), dict) and k != "extra":
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict) and k not in ("extra", "publish_options"):
             _deep_merge(dst[k], v)
         else:
             dst[k] = dict(v) if isinstance(v, Mapping) else v
@@ -451,11 +466,16 @@ def validate(cfg: Config) -> None:
     if t.device != "auto" and t.device != "cpu" and not (t.device == "cuda" or t.device.startswith("cuda:")):
         raise ConfigError("train.device", f"invalid value {t.device!r}. Valid: auto, cpu, cuda, cuda:N")
     _positive(cfg, "checkpoint", "every_steps", "every_seconds", "keep")
-    _positive(cfg, "snapshot", "every_steps", "every_seconds", "keep")
     token = cfg.metrics.snapshot_token
     if token is not None and (not token.strip() or token != token.strip()):
         raise ConfigError("metrics.snapshot_token", "must be non-empty, without leading or trailing whitespace")
     _positive(cfg, "metrics", "max_connections", "request_timeout_s")
+    _positive(cfg, "snapshot", "every_steps", "every_seconds", "keep", "export_timeout_s", "export_threads",
+              "triton_max_batch_size", "publish_backoff_max_s")
+    _positive(cfg, "snapshot", "triton_max_queue_delay_us", allow_zero=True)
+    if cfg.snapshot.publish_to is not None and "://" not in cfg.snapshot.publish_to:
+        raise ConfigError("snapshot.publish_to", f"expected a URL such as s3://bucket/prefix, gs://bucket/prefix or "
+                                                 f"file:///path, got {cfg.snapshot.publish_to!r}")
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError("metrics.port", f"must be in 0..65535 (0: any free port), got {cfg.metrics.port}")
 

@@ -120,8 +120,8 @@ def build(cfg: Config, registry: CollectorRegistry | None = None, *, intake: Kaf
     learner = Learner(student_model, s_spec, cfg.train, device, amp, cfg.train.channels_last, cfg.train.compile)
     checkpoints = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                                   on_fallback=lambda p, why: _fallback(metrics, "checkpoint", p, why))
-    snapshots = SnapshotStore(cfg.snapshot.dir, keep=cfg.snapshot.keep,
-                              on_fallback=lambda v, why: _fallback(metrics, "snapshot", v, why))
+    snapshots = SnapshotStore.from_config(cfg.snapshot,
+                                          on_fallback=lambda v, why: _fallback(metrics, "snapshot", v, why))
     log.info("teacher %s (%d classes, %s, %s), student %s (%s) on %s", t.model, num_classes,
              f"weights sha256 {sha[:12]}" if sha else "random init", precision_name(teacher_amp), s.model,
              precision_name(amp), device)

@@ -43,10 +43,12 @@ __all__ = [
     "register",
     "resolve_version_dir",
     "snapshot_exporters",
+    "snapshot_extras",
 ]
 
 # format -> file name inside a snapshot version folder
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
+# (model.pt for TorchScript: the name Triton's libtorch backend loads.)
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt", "pt2": "model.pt2"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ONNX_OPSET = 18
 # ONNX protobufs cap at 2 GiB; above this the weights go to a companion `<name>.data` file.
@@ -153,15 +155,21 @@ def load_student(snapshot_dir: str | Path) -> tuple[nn.Module, dict]:
     """
     vdir = resolve_version_dir(snapshot_dir)
     manifest = read_manifest(vdir, verify=True)
-    s = manifest["student"]
-    check_manifest_model_spec(s.get("model"), str(vdir / MANIFEST_FILE))
-    c, h, w = student_geometry(s)
-    model = build_model(s["model"], s.get("num_classes"), in_channels=c, input_size=(h, w))
+    return build_student(manifest["student"], vdir / MODEL_FILE, where=str(vdir / MANIFEST_FILE)), manifest
+
+
+def build_student(student: dict, weights: str | Path, where: str = "manifest") -> nn.Module:
+    """The model a manifest's `student` section describes, with `weights` loaded (eval mode, CPU).
+
+    Only built-in model names are accepted (:func:`check_manifest_model_spec`): never a model file."""
+    check_manifest_model_spec(student.get("model"), where)
+    c, h, w = student_geometry(student)
+    model = build_model(student["model"], student.get("num_classes"), in_channels=c, input_size=(h, w))
     try:
-        model.load_state_dict(load_state_dict_file(vdir / MODEL_FILE), strict=True)
+        model.load_state_dict(load_state_dict_file(weights), strict=True)
     except RuntimeError as e:  # missing/unexpected keys, shape mismatches
-        raise SnapshotError(f"{vdir / MODEL_FILE} does not fit {s['model']!r}: {e}") from None
-    return model.eval(), manifest
+        raise SnapshotError(f"{weights} does not fit {student['model']!r}: {e}") from None
+    return model.eval()
 
 
 # ---- exporting -----------------------------------------------------------------
@@ -327,11 +335,12 @@ def _verify(fmt: str, path: Path, model: nn.Module, batches: Iterable[int], chw:
 def snapshot_exporters(
     model: nn.Module, input_shape: tuple[int, int, int, int], formats: Iterable[str]
 ) -> dict[str, Callable[[Path], None]]:
-    """{file name: writer(path)} for SnapshotStore.publish(extra_files=...).
+    """{file name: writer(path)} for SnapshotStore.publish(extra_files=...), exporting in this process.
 
     formats: values of `snapshot.formats` ("onnx" | "torchscript" | "pt2") ->
-    model.onnx / model.ts / model.pt2. `model` should be a CPU copy in eval mode
-    that nothing else touches: the writers run later, on the publisher thread.
+    model.onnx / model.pt / model.pt2. For tools and tests only: torch.export and
+    dynamo keep process-global state, so an export must never run beside a
+    training step in the same process; the daemon uses :func:`snapshot_extras`.
     """
     writers: dict[str, Callable[[Path], None]] = {}
     for fmt in formats:
@@ -344,6 +353,133 @@ def snapshot_exporters(
 def _write_quietly(model: nn.Module, input_shape: tuple[int, int, int, int], fmt: str, path: Path) -> None:
     report = export_model(model, input_shape, fmt, Path(path))
     log.debug("exported %s (%d bytes, max abs diff %s)", Path(path).name, report["bytes"], report["max_abs_diff"])
+
+
+class SnapshotExports:
+    """Writes the configured exports, and Triton's ``config.pbtxt``, into a version folder under construction.
+
+    Called by ``SnapshotStore.publish(write_extras=...)`` once ``model.safetensors``
+    is in the folder. The exports run in a child process (``python -m
+    streamkd.export --worker``) that rebuilds the student from that file and the
+    manifest's ``student`` section, so torch.export/dynamo never run in the
+    training process. The child runs at a lower CPU priority with `threads`
+    threads. A format that fails or runs past `timeout_s` is logged and left
+    out; the snapshot is published without it (this call never raises for an
+    export failure). ``config.pbtxt`` is written for the first of `formats`
+    that Triton can serve (onnx, torchscript) whose export succeeded.
+    """
+
+    def __init__(self, student: dict, formats: Iterable[str], *, timeout_s: float = 600.0, threads: int = 1,
+                 triton_max_batch_size: int = 64, triton_max_queue_delay_us: int = 100) -> None:
+        self.formats = list(dict.fromkeys(formats))
+        for fmt in self.formats:
+            if fmt not in FORMATS:
+                raise ValueError(f"Invalid snapshot format {fmt!r}. Only {', '.join(FORMATS)} are supported.")
+        self.student = dict(student)
+        self.timeout_s, self.threads = float(timeout_s), int(threads)
+        self.triton = {"max_batch_size": int(triton_max_batch_size),
+                       "max_queue_delay_us": int(triton_max_queue_delay_us)}
+
+    def __call__(self, version_dir: Path) -> None:
+        vdir = Path(version_dir)
+        reports = self._run_worker(vdir) if self.formats else {}
+        done = {fmt for fmt, r in reports.items() if r.get("ok") and (vdir / FORMATS[fmt]).is_file()}
+        for fmt in self.formats:
+            if fmt not in done:
+                why = reports.get(fmt, {}).get("error") or "no result from the export process"
+                log.error("export %s failed (%s); publishing the snapshot without it", FORMATS[fmt], why)
+        # Leave only finished artifacts: a killed child may leave its temporary folder or a failed format's file.
+        for p in list(vdir.iterdir()):
+            if p.name.startswith(".tmp-"):
+                remove_tree(p)
+            elif any(p.name == FORMATS[f] or p.name.startswith(FORMATS[f] + ".") for f in self.formats
+                     if f not in done):  # the file and its companions (model.onnx.data)
+                p.unlink(missing_ok=True)
+        from .triton import CONFIG_FILE, servable_format, write_model_config
+
+        fmt = servable_format(self.formats, [FORMATS[f] for f in done])
+        if fmt is not None:
+            write_model_config(vdir / CONFIG_FILE, fmt, self.student, max_batch_size=self.triton["max_batch_size"],
+                               dynamic_batch=bool(reports[fmt].get("dynamic_batch", True)),
+                               max_queue_delay_us=self.triton["max_queue_delay_us"])
+
+    def _run_worker(self, vdir: Path) -> dict[str, dict]:
+        """{format: report} from the child; formats it did not report are missing."""
+        import subprocess
+
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parent.parent)  # the child imports this same streamkd
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env["OMP_NUM_THREADS"] = str(self.threads)
+        cmd = [sys.executable, "-m", "streamkd.export", "--worker", str(vdir), "--formats", ",".join(self.formats),
+               "--threads", str(self.threads)]
+        try:
+            done = subprocess.run(cmd, input=json.dumps(self.student), capture_output=True, text=True, env=env,
+                                  timeout=self.timeout_s, start_new_session=True, check=False)
+        except subprocess.TimeoutExpired:
+            log.error("the export process ran past snapshot.export_timeout_s=%g s and was killed", self.timeout_s)
+            return {}
+        except OSError as e:
+            log.error("could not start the export process: %s", e)
+            return {}
+        reports: dict[str, dict] = {}
+        for line in done.stdout.splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and r.get("format") in self.formats:
+                reports[r["format"]] = r
+        if done.returncode != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])[-500:]
+            log.error("the export process exited with %d: %s", done.returncode, tail or "(no output)")
+        return reports
+
+
+def snapshot_extras(student: dict, snapshot_cfg: Any) -> SnapshotExports | None:
+    """The ``write_extras`` hook for SnapshotStore.publish from the `snapshot` config section
+    (`formats`, `export_timeout_s`, `export_threads`, `triton_max_batch_size`, `triton_max_queue_delay_us`);
+    None when no format is configured."""
+    if not snapshot_cfg.formats:
+        return None
+    return SnapshotExports(student, snapshot_cfg.formats, timeout_s=snapshot_cfg.export_timeout_s,
+                           threads=snapshot_cfg.export_threads,
+                           triton_max_batch_size=snapshot_cfg.triton_max_batch_size,
+                           triton_max_queue_delay_us=snapshot_cfg.triton_max_queue_delay_us)
+
+
+_MAX_STUDENT_JSON = 1 << 20
+
+
+def _worker(argv: list[str]) -> int:
+    """``python -m streamkd.export --worker DIR --formats onnx,torchscript``: export DIR/model.safetensors
+    (the student described by the JSON on stdin) to each format in DIR; one JSON report per line on stdout."""
+    p = argparse.ArgumentParser(prog="python -m streamkd.export")
+    p.add_argument("--worker", type=Path, required=True, metavar="DIR")
+    p.add_argument("--formats", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        os.nice(10)  # training first
+    except OSError:
+        pass
+    torch.set_num_threads(max(1, args.threads))
+    student = json.loads(sys.stdin.read(_MAX_STUDENT_JSON))
+    c, h, w = student_geometry(student)
+    model = build_student(student, args.worker / MODEL_FILE)
+    for fmt in args.formats.split(","):
+        try:
+            if fmt not in FORMATS:
+                raise ValueError(f"Invalid format {fmt!r}. Only {', '.join(FORMATS)} are supported.")
+            r = export_model(model, (1, c, h, w), fmt, args.worker / FORMATS[fmt])
+            report = {"format": fmt, "ok": True, "pid": os.getpid(), **{k: r[k] for k in (
+                "bytes", "max_abs_diff", "dynamic_batch", "exporter")}}
+        except Exception as e:  # noqa: BLE001 - one format failing must not cost the others
+            first = str(e).splitlines()[0][:300] if str(e) else ""
+            report = {"format": fmt, "ok": False, "pid": os.getpid(), "error": f"{type(e).__name__}: {first}"}
+        print(json.dumps(report), flush=True)
+    return 0
 
 
 # ---- command line ----------------------------------------------------------------
@@ -382,3 +518,7 @@ def _main(args: argparse.Namespace) -> int:
           + (f"{diff:.2g}" if diff is not None else "not measured (onnxruntime missing)"))
     print(f"preprocess: x = (uint8 / 255 - {s.get('mean')}) / {s.get('std')}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

@@ -10,12 +10,10 @@ previous checkpoint or snapshot stays the newest.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,6 +23,7 @@ from .checkpoint import CheckpointStore, TrainState, is_finite_state
 from .config import Config
 from .learner import Learner
 from .metrics import Metrics
+from .export import snapshot_extras
 from .snapshot import NonFiniteWeights, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -118,19 +117,17 @@ class Persistence:
     def snapshot(self, prog: Progress, sync: bool) -> None:
         self._wait("_snap", "snapshot")
         weights = self.learner.weights()  # the optimizer state stays on the device: a snapshot does not keep it
-        model_copy = (copy.deepcopy(self.learner.student).cpu().eval().to(memory_format=torch.contiguous_format)
-                      if self.cfg.snapshot.formats else None)
         manifest = self.manifest(prog)
         self.snap_step, self.snap_t = prog.step, time.monotonic()
-        self._snap = self.metrics.watch_write(self.writer.submit(self._publish, weights, manifest, model_copy),
+        self._snap = self.metrics.watch_write(self.writer.submit(self._publish, weights, manifest),
                                               "snapshot")
         if sync:
             self._wait("_snap", "snapshot")
 
-    def _publish(self, weights: dict[str, torch.Tensor], manifest: dict, model_copy) -> None:
-        extra = _exporters(self.cfg, model_copy)
+    def _publish(self, weights: dict[str, torch.Tensor], manifest: dict) -> None:
         try:
-            m = self.snapshots.publish(weights, manifest, extra_files=extra)
+            extras = snapshot_extras(manifest["student"], self.cfg.snapshot)  # exports run in a child process
+            m = self.snapshots.publish(weights, manifest, write_extras=extras)
         except NonFiniteWeights as e:
             log.error("snapshot refused: %s (the previous snapshot stays the newest)", e)
             return
@@ -185,6 +182,7 @@ class Persistence:
             self._wait("_snap", "snapshot")
         finally:
             self.writer.shutdown(wait=True)
+            self.snapshots.close()  # waits (bounded) for an upload to object storage in flight
 
 
 def _rfc3339_to_unix(value: str | None) -> float:
@@ -192,24 +190,3 @@ def _rfc3339_to_unix(value: str | None) -> float:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return 0.0
-
-
-def _exporters(cfg: Config, model) -> dict:
-    """Serving formats written beside the weights (``snapshot.formats``); a failed export omits only its file."""
-    if not cfg.snapshot.formats or model is None:
-        return {}
-    from .export import snapshot_exporters
-
-    c, h, w = cfg.student_channels, *cfg.student_input_size
-
-    def guarded(name: str, write):
-        def run(path: Path) -> None:
-            try:
-                write(path)
-            except Exception as e:  # noqa: BLE001 - a failed export must not cost the snapshot itself
-                log.error("export %s failed (%s: %s); publishing the snapshot without it", name, type(e).__name__, e)
-                path.unlink(missing_ok=True)
-        return run
-
-    return {name: guarded(name, write)
-            for name, write in snapshot_exporters(model, (1, c, h, w), cfg.snapshot.formats).items()}

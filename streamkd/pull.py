@@ -42,7 +42,7 @@ from .fsutil import (
     sha256_file,
 )
 from .export import SnapshotError, check_manifest_model_spec
-from .snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, safe_name
+from .snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_LEVEL_FILES, safe_name
 
 __all__ = ["MAX_FILE_BYTES", "TOKEN_ENV", "AuthError", "PullError", "TransientError", "pull_once", "register", "watch"]
 
@@ -387,6 +387,9 @@ def _download(client: _Client, dest: Path, version: int, files: dict[str, str], 
             new_etags[name] = {"etag": got_etag, "version": version}
         body = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
         (tmp / MANIFEST_FILE).write_text(body, encoding="utf-8")
+        for name in MODEL_LEVEL_FILES:  # Triton reads config.pbtxt beside the version folders: DIR is the model
+            if name in files:
+                atomic_write_bytes(dest / name, (tmp / name).read_bytes())
     except BaseException:
         remove_tree(tmp)  # includes Ctrl-C: nothing half-written stays behind
         raise

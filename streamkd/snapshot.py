@@ -6,6 +6,10 @@ Layout (contract, see DESIGN.md "Snapshots")::
     <dir>/<version>/model.safetensors
     <dir>/<version>/manifest.json # caller's fields + version, created_at, files {name: sha256}
     <dir>/<version>/model.onnx    # optional extra files
+    <dir>/config.pbtxt            # Triton's model config, copied from the newest version that has one
+
+With Triton, `<dir>` is a model folder of a model repository: Triton reads
+`<dir>/config.pbtxt` and serves the newest numeric version folder.
 
 A version folder is written as `.tmp-<v>`, fsynced and renamed, and only then
 is `LATEST` replaced, so a reader that follows `LATEST` never sees a partial
@@ -39,12 +43,14 @@ from .fsutil import (
     sha256_file,
 )
 
-__all__ = ["LATEST_FILE", "MANIFEST_FILE", "MODEL_FILE", "NonFiniteWeights", "SnapshotStore", "rfc3339_now",
-           "safe_name"]
+__all__ = ["LATEST_FILE", "MANIFEST_FILE", "MODEL_FILE", "MODEL_LEVEL_FILES", "NonFiniteWeights", "SnapshotStore",
+           "rfc3339_now", "safe_name"]
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
+# Files a version may carry that also belong one level up, beside LATEST (Triton reads config.pbtxt there).
+MODEL_LEVEL_FILES = ("config.pbtxt",)
 _VERSION = re.compile(r"[1-9][0-9]{0,17}")  # canonical: no leading zeros, fits in int64
 _TRASH = re.compile(r"\.trash-([0-9]+)-")
 log = logging.getLogger(__name__)
@@ -101,12 +107,16 @@ class SnapshotStore:
         directory: str | Path,
         keep: int = 5,
         on_fallback: Callable[[int, str], None] | None = None,
+        on_published: Callable[[int, Path], None] | None = None,
     ) -> None:
+        """`on_published(version, version_dir)` runs after LATEST names a new version (e.g. an upload)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
         self.on_fallback = on_fallback
+        self.on_published = on_published
+        self.uploader: Any = None  # a streamkd.publish.Uploader when built from a config with publish_to
         self.directory.mkdir(parents=True, exist_ok=True)
         self._publish_lock = threading.Lock()
         self._cache_lock = threading.Lock()
@@ -260,12 +270,16 @@ class SnapshotStore:
         weights: Mapping[str, torch.Tensor],
         manifest: Mapping[str, Any],
         extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+        write_extras: Callable[[Path], None] | None = None,
     ) -> dict:
         """Write a new version and point LATEST at it; returns the full manifest.
 
         `weights` may live on any device; contiguous CPU copies are saved (so
         tied/shared tensors are fine). `extra_files[name](path)` must write
-        `path` (e.g. model.onnx). Raises NonFiniteWeights on NaN/Inf.
+        `path` (e.g. model.onnx). `write_extras(folder)` then runs with the
+        version folder under construction (model.safetensors already in it) and
+        may add any plain files (e.g. exports made by another process). Every
+        file is hashed into the manifest. Raises NonFiniteWeights on NaN/Inf.
         """
         cpu = {}
         for name, t in weights.items():
@@ -297,6 +311,8 @@ class SnapshotStore:
                     write(tmp / name)
                     if not (tmp / name).is_file():
                         raise FileNotFoundError(f"extra file writer for {name!r} did not create it")
+                if write_extras is not None:
+                    write_extras(tmp)
                 files = {}
                 for p in sorted(tmp.iterdir()):  # writers may add companions (e.g. ONNX external data)
                     if not p.is_file() or not safe_name(p.name):
@@ -304,6 +320,10 @@ class SnapshotStore:
                     files[p.name] = sha256_file(p)
                 full = {**base, "version": version, "created_at": rfc3339_now(), "files": files}
                 (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+                # Model-level copies before the version folder appears: a poller that sees it reads a matching config.
+                for name in MODEL_LEVEL_FILES:
+                    if name in files:
+                        atomic_write_bytes(self.directory / name, (tmp / name).read_bytes())
                 atomic_publish_dir(tmp, self.directory / str(version))
             except BaseException:
                 remove_tree(tmp)  # e.g. ENOSPC: the published versions and LATEST stay as they were
@@ -312,7 +332,31 @@ class SnapshotStore:
             atomic_write_bytes(self.directory / LATEST_FILE, f"{version}\n".encode())
             self._last_published = version
             self._prune(head=version)
+        if self.on_published is not None:
+            self.on_published(version, self.directory / str(version))
         return copy.deepcopy(full)
+
+    # ---- lifecycle -----------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: Any, on_fallback: Callable[[int, str], None] | None = None) -> "SnapshotStore":
+        """A store for the `snapshot` config section: `dir`, `keep`, and with `publish_to` an
+        :class:`~streamkd.publish.Uploader` that copies every published version there in the background."""
+        store = cls(cfg.dir, keep=cfg.keep, on_fallback=on_fallback)
+        if getattr(cfg, "publish_to", None):
+            from .publish import Uploader
+
+            uploader = Uploader(cfg.publish_to, dict(cfg.publish_options), keep=cfg.keep,
+                                backoff_max_s=cfg.publish_backoff_max_s)
+            uploader.start()
+            store.on_published = uploader.submit
+            store.uploader = uploader
+        return store
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Let background uploads finish (up to `timeout` seconds), then stop them."""
+        if self.uploader is not None:
+            self.uploader.close(timeout)
 
     def _next_version(self) -> int:
         """Newest number ever used + 1: folders, LATEST, trash, and this process's memory.

@@ -116,3 +116,79 @@ def test_cli_bad_input_exits_2(tmp_path, capsys) -> None:
     # A teacher with random weights would make the figures meaningless: refused, not silently used.
     assert cli.main(["eval", str(tmp_path / "snap"), "--teacher", "streamkd:lenet5"]) == 2
     assert "--teacher-weights" in capsys.readouterr().err
+
+
+# ---- any labelled data: an ImageFolder-style directory, a labelled Kafka topic ------------------------
+
+
+def write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor, names: list[str]) -> None:
+    from streamkd.produce import encode_image
+
+    for i, (img, y) in enumerate(zip(images, labels.tolist())):
+        d = root / names[y]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:04d}.png").write_bytes(encode_image(img)[0])
+
+
+def test_cli_on_an_image_folder(data, tmp_path, capsys) -> None:
+    images, labels = data
+    images, labels = images[:120], labels[:120]
+    names = [f"class-{k}" for k in range(10)]
+    write_folder(tmp_path / "imgs", images, labels, names)
+    (tmp_path / "imgs" / names[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (tmp_path / "imgs" / names[0] / "README.txt").write_text("not an image: ignored")
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    student, teacher = lenet(4), lenet(5)
+    publish_student(tmp_path / "snap", student)
+    weights = tmp_path / "teacher.safetensors"
+    save_file(teacher.state_dict(), str(weights))
+
+    assert cli.main(["eval", str(tmp_path / "snap"), "--folder", str(tmp_path / "imgs"), "--classes-file",
+                     str(tmp_path / "classes.txt"), "--json", "--teacher", "streamkd:lenet5",
+                     "--teacher-weights", str(weights)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 120 and out["skipped"] == {"corrupt": 1} and out["classes"] == names
+    # PNG is lossless: the same images and labels as the arrays, so the same figures.
+    assert out["student"]["acc"] == evaluate(student, images, labels, SPEC)["acc"]
+    assert out["teacher"]["acc"] == evaluate(teacher, images, labels, SPEC)["acc"]
+    assert out["agreement"] == agreement(student, teacher, images, SPEC)["agreement"]
+
+    # The class order decides the labels: the same folders under another order score differently.
+    shifted = names[1:] + names[:1]
+    assert cli.main(["eval", str(tmp_path / "snap"), "--folder", str(tmp_path / "imgs"), "--classes",
+                     ",".join(shifted), "--json", "--no-teacher"]) == 0
+    out2 = json.loads(capsys.readouterr().out)
+    want = evaluate(student, images, (labels - 1) % 10, SPEC)["acc"]
+    assert out2["student"]["acc"] == want != out["student"]["acc"]
+
+
+def test_cli_folder_needs_a_known_class_order(data, tmp_path, capsys) -> None:
+    images, labels = data
+    write_folder(tmp_path / "imgs", images[:20], labels[:20], [f"c{k}" for k in range(10)])
+    publish_student(tmp_path / "snap", lenet(4))
+    base = ["eval", str(tmp_path / "snap"), "--folder", str(tmp_path / "imgs"), "--no-teacher"]
+    assert cli.main(base) == 2
+    assert "--classes" in capsys.readouterr().err
+    assert cli.main([*base, "--classes", "c0,c1"]) == 2  # folders c2.. are not in the list
+    assert "not in the class list" in capsys.readouterr().err
+    assert cli.main([*base, "--classes", ",".join(f"c{k}" for k in range(11))]) == 2  # more than the student has
+    assert "11 class names" in capsys.readouterr().err
+
+
+@pytest.mark.kafka
+def test_cli_on_a_labelled_kafka_topic(broker, topic, data, tmp_path, capsys) -> None:
+    from conftest import fmnist_pngs, produce_values
+
+    images, labels = data
+    values, headers = fmnist_pngs(60, labels=True)
+    unlabelled, _ = fmnist_pngs(5, start=100)
+    all_values = values + unlabelled + [b"garbage"]
+    produce_values(broker.bootstrap, topic, all_values, headers=lambda i: headers(i) if i < 60 else [])
+    student = lenet(4)
+    publish_student(tmp_path / "snap", student)
+    assert cli.main(["eval", str(tmp_path / "snap"), "--topic", topic, "--bootstrap-servers", broker.bootstrap,
+                     "--json", "--no-teacher"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 60 and out["dataset"] == f"kafka {topic}"
+    assert out["skipped"] == {"no_label": 5, "unknown_format": 1}
+    assert out["student"]["acc"] == evaluate(student, images[:60], labels[:60], SPEC)["acc"]

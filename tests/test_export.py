@@ -19,6 +19,7 @@ from streamkd.export import (
     INPUT_NAME,
     OUTPUT_NAME,
     SnapshotError,
+    SnapshotExports,
     export_model,
     load_student,
     snapshot_exporters,
@@ -72,18 +73,20 @@ def student() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def snap(tmp_path_factory, student) -> tuple[Path, dict]:
-    """A snapshot store holding version 1 with every export format, as the daemon publishes it."""
+    """A snapshot store holding version 1 with every export format, as the daemon publishes it
+    (exports made by the child process from the published weights)."""
     root = tmp_path_factory.mktemp("snap")
     store = SnapshotStore(root)
-    extra = snapshot_exporters(student, SHAPE, ["onnx", "torchscript", "pt2"])
-    manifest = store.publish(student.state_dict(), daemon_manifest(), extra_files=extra)
+    m = daemon_manifest()
+    manifest = store.publish(student.state_dict(), m,
+                             write_extras=SnapshotExports(m["student"], ["onnx", "torchscript", "pt2"]))
     return root, manifest
 
 
-def test_snapshot_exporters_files_are_hashed_into_the_manifest(snap) -> None:
+def test_snapshot_exports_files_are_hashed_into_the_manifest(snap) -> None:
     root, m = snap
     vdir = root / "1"
-    assert sorted(m["files"]) == ["model.onnx", "model.pt2", "model.safetensors", "model.ts"]
+    assert sorted(m["files"]) == ["config.pbtxt", "model.onnx", "model.pt", "model.pt2", "model.safetensors"]
     for name, digest in m["files"].items():
         assert sha(vdir / name) == digest
     # No temporaries or ONNX external-data companions: the ONNX file is self-contained.
@@ -143,11 +146,11 @@ def test_onnx_matches_pytorch_on_real_images_from_the_manifest_alone(snap, stude
     assert (got64.argmax(1) == want.argmax(1)).all()
 
 
-@pytest.mark.parametrize("name", ["model.ts", "model.pt2"])
+@pytest.mark.parametrize("name", ["model.pt", "model.pt2"])
 def test_torchscript_and_pt2_reload_and_match(snap, student, images, name) -> None:
     root, _ = snap
     path = root / "1" / name
-    loaded = torch.jit.load(str(path)) if name.endswith(".ts") else torch.export.load(str(path)).module()
+    loaded = torch.jit.load(str(path)) if name.endswith(".pt") else torch.export.load(str(path)).module()
     x = to_model_input(images[0], (28, 28), 1, FMNIST_MEAN, FMNIST_STD)
     with torch.no_grad():
         for batch in (x[:1], x):  # batch 1 and 64: the batch axis is dynamic
@@ -264,3 +267,71 @@ def test_manifest_naming_a_model_file_is_never_loaded(tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("spec", ["streamkd:lenet5", "torchvision:mobilenet_v3_small", "torchvision:resnet18"])
 def test_manifest_model_names_are_accepted(spec) -> None:
     assert export_mod.check_manifest_model_spec(spec, "manifest.json") == spec
+
+
+# ---- exports in a child process ----------------------------------------------------------
+
+
+def test_snapshot_exports_never_run_in_the_calling_process(student, tmp_path, monkeypatch) -> None:
+    """The exports come from another process: breaking every exporter here changes nothing."""
+    def broken(*args, **kwargs):
+        raise AssertionError("export ran in the training process")
+
+    monkeypatch.setattr(export_mod, "export_model", broken)
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    m = daemon_manifest()
+    out = SnapshotStore(tmp_path).publish(student.state_dict(), m,
+                                          write_extras=SnapshotExports(m["student"], ["onnx", "torchscript"]))
+    assert {"model.onnx", "model.pt", "config.pbtxt"} <= set(out["files"])
+    loaded = torch.jit.load(str(tmp_path / "1" / "model.pt"))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert (loaded(x) - student(x)).abs().max().item() < 1e-4
+
+
+def test_a_failed_export_costs_only_its_file(student, tmp_path, caplog) -> None:
+    """A child that runs past its time is killed; the snapshot is published without the exports."""
+    m = daemon_manifest()
+    store = SnapshotStore(tmp_path)
+    with caplog.at_level("ERROR", logger="streamkd.export"):
+        out = store.publish(student.state_dict(), m,
+                            write_extras=SnapshotExports(m["student"], ["onnx", "torchscript"], timeout_s=0.2))
+    assert sorted(out["files"]) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["manifest.json", "model.safetensors"]
+    assert not (tmp_path / "config.pbtxt").exists()
+    assert "export_timeout_s" in caplog.text and "publishing the snapshot without it" in caplog.text
+    assert store.latest()["version"] == 1
+
+
+def test_one_failing_format_keeps_the_others(student, tmp_path, caplog) -> None:
+    """A student the exporter cannot rebuild fails every format, in the child, and is reported."""
+    m = daemon_manifest()
+    bad = {**m["student"], "num_classes": 7}  # the weights have 10 outputs: the child refuses to load them
+    with caplog.at_level("ERROR", logger="streamkd.export"):
+        out = SnapshotStore(tmp_path).publish(student.state_dict(), m,
+                                              write_extras=SnapshotExports(bad, ["torchscript"]))
+    assert sorted(out["files"]) == ["model.safetensors"]
+    assert "export process exited" in caplog.text and "does not fit" in caplog.text
+
+
+def test_snapshot_exports_rejects_unknown_format() -> None:
+    with pytest.raises(ValueError, match="Invalid snapshot format 'tflite'"):
+        SnapshotExports(daemon_manifest()["student"], ["onnx", "tflite"])
+
+
+def test_cleanup_keeps_exactly_the_finished_files(tmp_path, monkeypatch) -> None:
+    """After the child: a failed format's file and any temporary go, a finished one stays (model.pt2
+    survives a failed model.pt although its name starts the same)."""
+    def child(self, vdir):
+        (vdir / "model.pt").write_bytes(b"half-written")
+        (vdir / "model.pt2").write_bytes(b"exported")
+        (vdir / ".tmp-model.pt.1234").mkdir()
+        (vdir / ".tmp-model.pt.1234" / "model.pt").write_bytes(b"x")
+        return {"torchscript": {"format": "torchscript", "ok": False, "error": "simulated"},
+                "pt2": {"format": "pt2", "ok": True, "dynamic_batch": True}}
+
+    monkeypatch.setattr(SnapshotExports, "_run_worker", child)
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    SnapshotExports(daemon_manifest()["student"], ["torchscript", "pt2"])(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "model.safetensors"]
