@@ -146,3 +146,18 @@ def test_mismatched_model_and_bad_decay_are_refused():
         Ema(nn.Linear(3, 2), 1.5)
     with pytest.raises(ValueError, match="EMA state"):
         ema.load_state_dict({"weights": {}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this host)")
+def test_update_on_cuda_does_not_wait_for_the_device():
+    model = bn_net().cuda().train()
+    ema = Ema(model, 0.99)
+    model(torch.randn(8, 2, 6, 6, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside update() raises
+    try:
+        for _ in range(3):
+            ema.update(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ema.module[0].weight.device.type == "cuda"
