@@ -1,0 +1,104 @@
+"""An exponential moving average of the student's weights, for serving.
+
+The weights that train jump with every batch; their moving average is
+smoother and, on a stream, usually better than the latest step. The average
+covers parameters *and* floating-point buffers (BatchNorm running mean and
+variance), so the statistics match the averaged weights; integer buffers
+(``num_batches_tracked``) are copied.
+
+``torch.optim.swa_utils.AveragedModel`` does not fit the loop: its update reads
+its step counter back from the device on every call (a host sync per step on
+a GPU), and with ``use_buffers=True`` it averages integer buffers in float and
+truncates, which freezes ``num_batches_tracked``. So this class keeps the
+counter on the host and applies the library's EMA kernel
+(``get_ema_multi_avg_fn``) to the floating-point tensors only.
+
+Early on the average would be dominated by the initial weights; as in
+``tf.train.ExponentialMovingAverage`` the decay used at update t is
+``min(decay, (1 + t) / (10 + t))`` unless ``warmup=False``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+__all__ = ["Ema", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module behind a ``torch.compile`` wrapper (or the module itself)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+class Ema:
+    """EMA copy of a model: ``ema = d * ema + (1 - d) * model`` per floating tensor at each :meth:`update`.
+
+    ``module`` is the averaged copy (eval mode, no gradients, on the model's device and memory format):
+    score or serve it. The first update copies the model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = True) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay!r}")
+        self.decay, self.warmup = float(decay), warmup
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.updates = 0  # host-side counter: reading it costs no device sync
+
+    def current_decay(self) -> float:
+        """The decay the next update applies."""
+        if self.warmup:
+            return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the model's current weights and buffers in. Pass the training model (compiled or not)."""
+        pairs = list(zip(_tensors(self.module), _tensors(unwrap(model)), strict=True))
+        if any(a != b for (a, _), (b, _) in pairs):
+            raise ValueError("model does not have the structure the EMA was built from")
+        if self.updates == 0:
+            for (_, e), (_, m) in pairs:
+                e.copy_(m)
+        else:
+            groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = defaultdict(lambda: ([], []))
+            for (_, e), (_, m) in pairs:
+                if e.is_floating_point():
+                    ema_list, model_list = groups[(e.device, e.dtype)]
+                    ema_list.append(e)
+                    model_list.append(m.to(e.device))
+                else:
+                    e.copy_(m)
+            avg = get_ema_multi_avg_fn(self.current_decay())
+            for ema_list, model_list in groups.values():
+                avg(ema_list, model_list, None)
+        self.updates += 1
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """CPU, contiguous copies of the averaged state_dict, floating tensors in fp32: ready to publish."""
+        out = {}
+        for k, v in self.module.state_dict().items():
+            dtype = torch.float32 if v.is_floating_point() else v.dtype
+            out[k] = v.detach().to("cpu", dtype, copy=True).contiguous()
+        return out
+
+    # -- checkpoint state ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Tensors only: the averaged state_dict (CPU copies, stored dtype) and the update count."""
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        return {"weights": weights, "updates": torch.tensor(self.updates, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        weights, updates = state.get("weights"), state.get("updates")
+        if not isinstance(weights, dict) or not isinstance(updates, torch.Tensor) or updates.numel() != 1:
+            raise ValueError("not an EMA state (needs 'weights' and 'updates')")
+        self.module.load_state_dict(weights)  # copies into the existing tensors: device and memory format stay
+        self.updates = int(updates)

@@ -1,0 +1,286 @@
+"""A bounded in-memory buffer of teacher-labelled samples to replay alongside fresh ones.
+
+Training each record once on a stream whose content changes forgets what
+came before; replaying stored (image, teacher logits) pairs keeps it. The
+buffer's slots form two regions, both in preallocated CPU tensors:
+
+- the **reservoir**: Algorithm R over every sample offered, so at any time
+  it is a uniform sample of the whole stream seen so far;
+- the **recent region**: a ring holding the latest samples (FIFO), so a
+  ``recency_share`` of each replayed batch comes from the current content.
+
+The recent region gets ``recency_share`` of the slots, so every stored slot
+is equally likely to be replayed. Replayed samples are drawn with
+replacement (O(n) per draw, whatever the capacity).
+
+:meth:`ReplayBuffer.protect` freezes the reservoir for the next N offered
+samples (meant for a detected drift: the old content stays while the new
+one only reaches the recent region). Samples offered meanwhile still count
+in ``seen``, so afterwards new samples enter the reservoir at the rate they
+would have without the pause.
+
+All randomness comes from one ``torch.Generator`` seeded at construction and
+saved in :meth:`state_dict`, so a buffer restored from a checkpoint
+(``torch.load(weights_only=True)``) continues exactly as the original would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ReplayBuffer", "bytes_per_sample"]
+
+FORMAT = 1
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def bytes_per_sample(image_shape: tuple[int, ...], num_classes: int) -> int:
+    """Bytes one stored sample takes: uint8 image + fp16 logits + int64 label."""
+    return int(torch.Size(image_shape).numel()) + 2 * num_classes + 8
+
+
+def check_batch(images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Raise ValueError unless images is uint8 N×C×H×W, logits float N×K and labels integer N."""
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"images must be uint8 N×C×H×W, got {images.dtype} {tuple(images.shape)}")
+    if not logits.is_floating_point() or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
+        raise ValueError(f"logits must be float N×K with N={images.shape[0]}, got {logits.dtype} {tuple(logits.shape)}")
+    if labels.is_floating_point() or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels must be integer N with N={images.shape[0]}, got {labels.dtype} {tuple(labels.shape)}")
+
+
+class ReplayBuffer:
+    """Reservoir + recent ring of (uint8 image, fp16 teacher logits, int64 label) samples on the CPU.
+
+    capacity: most samples held (both regions together); max_bytes: most bytes held, so the
+    effective capacity is ``min(capacity, max_bytes // bytes_per_sample)``, fixed by the first
+    sample's shape. recency_share: in [0, 1], the share of slots in the recent region and of each
+    :meth:`sample` drawn from it (0: reservoir only; 1: a plain FIFO of the latest samples).
+    """
+
+    def __init__(self, capacity: int, max_bytes: int, recency_share: float, seed: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be an integer >= 1, got {max_bytes!r}")
+        if not 0.0 <= recency_share <= 1.0:
+            raise ValueError(f"recency_share must be in [0, 1], got {recency_share!r}")
+        self.capacity, self.max_bytes, self.recency_share = capacity, max_bytes, float(recency_share)
+        self._gen = torch.Generator().manual_seed(int(seed))
+        self.seen = 0  # samples offered to add() (finite logits), stored or not
+        self.revision = 0  # add() calls that changed the stored content
+        self._protect_until = 0  # the reservoir is frozen while seen < this
+        self._images: torch.Tensor | None = None  # slots × C×H×W, reservoir slots first, then the ring
+        self._logits: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        self._res_cap = self._ring_cap = 0
+        self._res_len = self._ring_len = self._ring_head = 0
+
+    # -- sizes -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._res_len + self._ring_len
+
+    @property
+    def slots(self) -> int:
+        """Effective capacity (0 until the first sample fixes the shape)."""
+        return self._res_cap + self._ring_cap
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the preallocated storage (0 until the first sample)."""
+        if self._images is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self._images, self._logits, self._labels))
+
+    @property
+    def protected(self) -> bool:
+        """True while the reservoir is frozen by :meth:`protect`."""
+        return self.seen < self._protect_until
+
+    # -- writing -----------------------------------------------------------------------------
+    def _allocate(self, shape: tuple[int, ...], k: int) -> None:
+        per = bytes_per_sample(shape, k)
+        slots = min(self.capacity, self.max_bytes // per)
+        if slots < 1:
+            raise ValueError(f"max_bytes={self.max_bytes} holds no sample of {per} bytes "
+                             f"(images {tuple(shape)}, {k} logits)")
+        share = self.recency_share
+        self._ring_cap = 0 if share == 0.0 else min(slots, max(1, round(slots * share)))
+        self._res_cap = slots - self._ring_cap
+        self._images = torch.zeros((slots, *shape), dtype=torch.uint8)
+        self._logits = torch.zeros((slots, k), dtype=torch.float16)
+        self._labels = torch.full((slots,), -1, dtype=torch.int64)
+
+    def _write(self, slots: torch.Tensor, src: torch.Tensor, images, logits, labels) -> None:
+        assert self._images is not None and self._logits is not None and self._labels is not None
+        self._images[slots] = images[src]
+        self._logits[slots] = logits[src]
+        self._labels[slots] = labels[src]
+
+    def add(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Offer a batch: images uint8 N×C×H×W, teacher logits float N×K, labels int N (-1: none).
+
+        Inputs on an accelerator are copied to the host here (a sync point). Rows whose logits
+        are not finite are neither stored nor counted. Logits are stored as fp16 (clamped to its range).
+        """
+        check_batch(images, logits, labels)
+        images = images.detach().to("cpu")
+        logits = logits.detach().to("cpu", torch.float32)
+        labels = labels.detach().to("cpu", torch.int64)
+        finite = torch.isfinite(logits).all(dim=1)
+        if not bool(finite.all()):
+            images, logits, labels = images[finite], logits[finite], labels[finite]
+        n = int(images.shape[0])
+        if n == 0:
+            return
+        shape, k = tuple(images.shape[1:]), int(logits.shape[1])
+        if self._images is None:
+            self._allocate(shape, k)
+        elif tuple(self._images.shape[1:]) != shape or self._logits.shape[1] != k:
+            raise ValueError(f"samples must keep the shape of the first ones: images {tuple(self._images.shape[1:])}"
+                             f" and {self._logits.shape[1]} logits, got {shape} and {k}")
+        logits = logits.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+        changed = False
+
+        if self._ring_cap:  # the latest samples, oldest overwritten first
+            m = min(n, self._ring_cap)
+            pos = (self._ring_head + torch.arange(m)) % self._ring_cap
+            self._write(self._res_cap + pos, torch.arange(n - m, n), images, logits, labels)
+            self._ring_head = (self._ring_head + m) % self._ring_cap
+            self._ring_len = min(self._ring_len + m, self._ring_cap)
+            changed = True
+
+        if self._res_cap:
+            # Algorithm R: sample number t (0-based) replaces a uniform slot with probability cap/(t+1).
+            # One draw per sample offered, used or not, so the random stream does not depend on the fill.
+            t = self.seen + torch.arange(n, dtype=torch.float64)
+            j = (torch.rand(n, generator=self._gen, dtype=torch.float64) * (t + 1)).long()
+            eligible = torch.nonzero(t >= self._protect_until).squeeze(1)
+            free = self._res_cap - self._res_len
+            fill, rest = eligible[:free], eligible[free:]
+            if fill.numel():
+                self._write(self._res_len + torch.arange(fill.numel()), fill, images, logits, labels)
+                self._res_len += int(fill.numel())
+                changed = True
+            rest = rest[j[rest] < self._res_cap]
+            if rest.numel():
+                # Later samples win a slot picked twice in one batch, as in the one-at-a-time algorithm.
+                slots, order = torch.sort(j[rest], stable=True)
+                last = torch.ones_like(slots, dtype=torch.bool)
+                last[:-1] = slots[1:] != slots[:-1]
+                self._write(slots[last], rest[order][last], images, logits, labels)
+                changed = True
+
+        self.seen += n
+        self.revision += int(changed)
+
+    def protect(self, samples: int) -> None:
+        """Freeze the reservoir for the next ``samples`` offered samples (they still reach the recent region).
+
+        Extends, never shortens, a protection already running. ``protect(0)`` is a no-op.
+        """
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"samples must be an integer >= 0, got {samples!r}")
+        self._protect_until = max(self._protect_until, self.seen + samples)
+
+    # -- reading -----------------------------------------------------------------------------
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """n stored samples drawn with replacement: (uint8 n×C×H×W, float32 logits n×K, int64 labels n).
+
+        A ``recency_share`` of them (stochastically rounded) comes from the recent region while both
+        regions hold samples. None when the buffer is empty or n == 0. Returns copies.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        if n == 0 or len(self) == 0:
+            return None
+        assert self._images is not None and self._logits is not None and self._labels is not None
+        if self._ring_len == 0:
+            k = 0
+        elif self._res_len == 0:
+            k = n
+        else:
+            want = n * self.recency_share
+            k = int(want) + int(torch.rand((), generator=self._gen, dtype=torch.float64) < want - int(want))
+        idx = torch.cat([
+            torch.randint(0, max(self._res_len, 1), (n - k,), generator=self._gen),
+            self._res_cap + torch.randint(0, max(self._ring_len, 1), (k,), generator=self._gen),
+        ])
+        return self._images[idx], self._logits[idx].float(), self._labels[idx]
+
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every stored sample once (reservoir, then recent region): uint8 images, float32 logits, int64 labels."""
+        if self._images is None:
+            return (torch.empty((0, 0, 0, 0), dtype=torch.uint8), torch.empty((0, 0)),
+                    torch.empty((0,), dtype=torch.int64))
+        assert self._logits is not None and self._labels is not None
+        idx = torch.cat([torch.arange(self._res_len), self._res_cap + torch.arange(self._ring_len)])
+        return self._images[idx], self._logits[idx].float(), self._labels[idx]
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Tensors and ints only (loads with ``torch.load(weights_only=True)``); copies, safe to save on
+        another thread. Holds only the filled slots."""
+        state: dict = {
+            "format": FORMAT, "seen": self.seen, "revision": self.revision,
+            "protect_until": self._protect_until, "ring_head": self._ring_head,
+            "ring_slots": self._ring_cap, "rng": self._gen.get_state(),
+        }
+        if self._images is not None:
+            assert self._logits is not None and self._labels is not None
+            res, ring = slice(0, self._res_len), slice(self._res_cap, self._res_cap + self._ring_len)
+            for name, t in (("images", self._images), ("logits", self._logits), ("labels", self._labels)):
+                state[f"reservoir_{name}"] = t[res].clone()
+                state[f"recent_{name}"] = t[ring].clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`. With the same configuration the buffer continues exactly as the
+        saved one; with a smaller one it keeps the first reservoir slots and the latest recent samples."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError("not a replay buffer state (missing or unknown 'format')")
+        ints = {k: state.get(k) for k in ("seen", "revision", "protect_until", "ring_head", "ring_slots")}
+        for k, v in ints.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"replay state: {k} is not a non-negative integer")
+        rng = state.get("rng")
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+            raise ValueError("replay state: rng is not a uint8 tensor")
+        self._images = self._logits = self._labels = None
+        self._res_cap = self._ring_cap = self._res_len = self._ring_len = self._ring_head = 0
+        self._gen.set_state(rng)
+        self.seen, self.revision, self._protect_until = ints["seen"], ints["revision"], ints["protect_until"]
+        if "reservoir_images" not in state:
+            return
+        regions = {}
+        for region in ("reservoir", "recent"):
+            images, logits, labels = (state.get(f"{region}_{n}") for n in ("images", "logits", "labels"))
+            if not all(isinstance(t, torch.Tensor) for t in (images, logits, labels)):
+                raise ValueError(f"replay state: {region} tensors missing")
+            check_batch(images, logits, labels)
+            regions[region] = (images, logits.to(torch.float16), labels.to(torch.int64))
+        images, logits, _ = regions["reservoir"]
+        if regions["recent"][0].shape[1:] != images.shape[1:] or regions["recent"][1].shape[1] != logits.shape[1]:
+            raise ValueError("replay state: reservoir and recent samples differ in shape")
+        self._allocate(tuple(images.shape[1:]), int(logits.shape[1]))
+
+        res = regions["reservoir"]
+        self._res_len = min(int(res[0].shape[0]), self._res_cap)
+        self._write(torch.arange(self._res_len), torch.arange(self._res_len), *res)
+
+        recent = regions["recent"]
+        saved_len, saved_cap, head = int(recent[0].shape[0]), ints["ring_slots"], ints["ring_head"]
+        if saved_cap == self._ring_cap and saved_len <= saved_cap and (head == saved_len % max(saved_cap, 1)
+                                                                       or saved_len == saved_cap):
+            # Same layout: slot for slot, so later draws pick the same samples.
+            self._ring_len, self._ring_head = saved_len, head % max(saved_cap, 1)
+            self._write(self._res_cap + torch.arange(saved_len), torch.arange(saved_len), *recent)
+        else:
+            # Different layout: oldest-to-newest order, keep the newest that fit.
+            order = torch.arange(saved_len)
+            if saved_len == saved_cap and saved_cap:
+                order = (head + order) % saved_cap
+            m = min(saved_len, self._ring_cap)
+            keep = order[saved_len - m:]
+            self._write(self._res_cap + torch.arange(m), keep, *recent)
+            self._ring_len, self._ring_head = m, m % max(self._ring_cap, 1)

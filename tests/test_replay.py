@@ -1,0 +1,254 @@
+"""Replay buffer: Algorithm R, the recent region, bounds, protection, and the checkpoint round trip."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from streamkd.learn.replay import ReplayBuffer, bytes_per_sample
+
+K = 10
+
+
+def stream(start: int, n: int, shape=(1, 2, 2)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n samples whose label is their stream index (so a stored label says which sample it is)."""
+    ids = torch.arange(start, start + n)
+    images = (ids % 256).to(torch.uint8).view(n, 1, 1, 1).expand(n, *shape).contiguous()
+    logits = torch.nn.functional.one_hot(ids % K, K).float() * 3 + ids.view(n, 1).float() / 1e4
+    return images, logits, ids
+
+
+def feed(buf: ReplayBuffer, total: int, batch: int, start: int = 0) -> None:
+    for i in range(start, start + total, batch):
+        buf.add(*stream(i, min(batch, start + total - i)))
+
+
+def reservoir_ids(buf: ReplayBuffer) -> list[int]:
+    return buf._labels[:buf._res_len].tolist()
+
+
+def recent_ids(buf: ReplayBuffer) -> set[int]:
+    return set(buf._labels[buf._res_cap:buf._res_cap + buf._ring_len].tolist())
+
+
+def test_reservoir_matches_one_at_a_time_algorithm_r():
+    # Batches larger than the capacity make one batch pick the same slot twice: the later sample must win.
+    cap, seed, batches = 16, 3, [5, 40, 1, 64, 64, 7, 200, 33]
+    buf = ReplayBuffer(cap, 10**9, 0.0, seed)
+    g = torch.Generator().manual_seed(seed)
+    ref: list[int] = []
+    t = 0
+    for n in batches:
+        buf.add(*stream(t, n))
+        u = torch.rand(n, generator=g, dtype=torch.float64)
+        for i in range(n):
+            if len(ref) < cap:
+                ref.append(t)
+            else:
+                j = int(u[i].item() * (t + 1))
+                if j < cap:
+                    ref[j] = t
+            t += 1
+        assert reservoir_ids(buf) == ref, t
+    assert buf.seen == sum(batches) and len(buf) == cap
+
+
+def test_reservoir_is_uniform_over_the_stream():
+    # Each of 2000 offered samples should be kept with probability 40/2000. Over 150 seeds, count kept
+    # samples per tenth of the stream: chi-square with 9 degrees of freedom, 27.9 is its 0.999 quantile.
+    cap, total, runs = 40, 2000, 150
+    counts = torch.zeros(10)
+    position = torch.zeros(4)  # by position inside a batch of 100: later samples must not lose collisions
+    for seed in range(runs):
+        buf = ReplayBuffer(cap, 10**9, 0.0, seed)
+        feed(buf, total, 100)
+        ids = torch.tensor(reservoir_ids(buf))
+        counts += torch.bincount(ids * 10 // total, minlength=10)
+        position += torch.bincount((ids % 100) // 25, minlength=4)
+    expected = runs * cap / 10
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 27.9, (chi2, counts.tolist())
+    expected = runs * cap / 4
+    chi2 = float(((position - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3, (chi2, position.tolist())  # 3 degrees of freedom, 0.999 quantile
+
+
+def test_recent_region_holds_the_latest_samples_and_gets_its_share_of_draws():
+    buf = ReplayBuffer(100, 10**9, 0.25, 0)
+    feed(buf, 3000, 64)
+    assert buf._ring_cap == 25 and buf._res_cap == 75
+    latest = set(range(3000 - 25, 3000))
+    assert recent_ids(buf) == latest
+    drawn = torch.cat([buf.sample(7)[2] for _ in range(2000)])  # 7 * 0.25: exercises the stochastic rounding
+    share = sum(int(i) in latest for i in drawn.tolist()) / drawn.numel()
+    # 0.25 from the recent region, plus the rare reservoir slot that holds one of the latest samples.
+    assert 0.23 < share < 0.28
+
+    plain = ReplayBuffer(100, 10**9, 0.0, 0)
+    feed(plain, 3000, 64)
+    drawn = torch.cat([plain.sample(7)[2] for _ in range(2000)])
+    assert sum(int(i) in latest for i in drawn.tolist()) / drawn.numel() < 0.05
+
+
+def test_recency_share_one_is_a_fifo():
+    buf = ReplayBuffer(30, 10**9, 1.0, 0)
+    feed(buf, 500, 17)
+    assert buf._res_cap == 0 and recent_ids(buf) == set(range(470, 500))
+    assert set(buf.sample(200)[2].tolist()) <= set(range(470, 500))
+
+
+def test_samples_are_copies_with_float32_logits():
+    buf = ReplayBuffer(50, 10**9, 0.2, 0)
+    feed(buf, 50, 50)
+    images, logits, labels = buf.sample(20)
+    assert images.dtype == torch.uint8 and images.shape == (20, 1, 2, 2)
+    assert logits.dtype == torch.float32 and logits.shape == (20, K) and labels.dtype == torch.int64
+    # Stored logits are fp16 of the offered ones: the top-1 survives, values within fp16 rounding.
+    assert torch.equal(logits.argmax(1), labels % K)
+    assert torch.allclose(logits, stream(0, 50)[1][labels], atol=2e-3)
+    images.fill_(0)
+    assert buf._images[:len(buf)].any()
+
+
+def test_byte_bound_caps_the_capacity():
+    per = bytes_per_sample((1, 2, 2), K)
+    assert per == 4 + 2 * K + 8
+    buf = ReplayBuffer(1000, 12 * per + per - 1, 0.25, 0)
+    assert buf.nbytes == 0 and len(buf) == 0
+    feed(buf, 400, 32)
+    assert buf.slots == 12 and len(buf) == 12
+    assert buf.nbytes == 12 * per <= buf.max_bytes
+    # The sample count wins when it is the tighter bound.
+    small = ReplayBuffer(5, 10**9, 0.0, 0)
+    feed(small, 100, 32)
+    assert small.slots == 5 and small.nbytes == 5 * per
+
+
+def test_budget_below_one_sample_fails_naming_max_bytes():
+    buf = ReplayBuffer(10, 10, 0.0, 0)
+    with pytest.raises(ValueError, match="max_bytes=10"):
+        buf.add(*stream(0, 1))
+
+
+def test_rows_with_non_finite_logits_are_not_stored_or_counted():
+    buf = ReplayBuffer(10, 10**9, 0.0, 0)
+    images, logits, labels = stream(0, 4)
+    logits[1, 0] = float("nan")
+    logits[2, 3] = float("inf")
+    buf.add(images, logits, labels)
+    assert buf.seen == 2 and sorted(reservoir_ids(buf)) == [0, 3]
+
+
+def test_huge_logits_are_clamped_into_fp16():
+    buf = ReplayBuffer(10, 10**9, 0.0, 0)
+    images, logits, labels = stream(0, 2)
+    logits[0, 0] = 1e6
+    buf.add(images, logits, labels)
+    assert torch.isfinite(buf.contents()[1]).all()
+
+
+def test_shape_changes_and_bad_inputs_are_refused():
+    buf = ReplayBuffer(10, 10**9, 0.0, 0)
+    buf.add(*stream(0, 3))
+    with pytest.raises(ValueError, match="shape of the first"):
+        buf.add(*stream(3, 3, shape=(1, 3, 3)))
+    images, logits, labels = stream(0, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        buf.add(images.float(), logits, labels)
+    with pytest.raises(ValueError, match="logits"):
+        buf.add(images, logits[:2], labels)
+    with pytest.raises(ValueError, match="recency_share"):
+        ReplayBuffer(10, 10, 1.5, 0)
+
+
+def test_empty_buffer_samples_none():
+    buf = ReplayBuffer(10, 10**9, 0.5, 0)
+    assert buf.sample(4) is None
+    buf.add(*stream(0, 3))
+    assert buf.sample(0) is None and buf.sample(4)[0].shape[0] == 4
+
+
+def test_protect_freezes_the_reservoir_while_recent_samples_still_arrive():
+    buf = ReplayBuffer(40, 10**9, 0.25, 0)
+    feed(buf, 200, 20)
+    frozen = reservoir_ids(buf)
+    buf.protect(300)
+    assert buf.protected
+    feed(buf, 300, 20, start=200)
+    assert reservoir_ids(buf) == frozen
+    assert recent_ids(buf) == set(range(490, 500)) and buf.seen == 500
+    assert not buf.protected
+    feed(buf, 1000, 20, start=500)
+    assert max(reservoir_ids(buf)) >= 500  # replacement resumed
+
+
+def test_protect_before_the_reservoir_is_full_leaves_it_part_filled():
+    buf = ReplayBuffer(40, 10**9, 0.0, 0)
+    feed(buf, 10, 10)
+    buf.protect(15)
+    feed(buf, 20, 10, start=10)  # samples 10..24 protected, 25..29 fill
+    assert reservoir_ids(buf) == list(range(10)) + list(range(25, 30))
+
+
+def _tensors_and_ints_only(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _tensors_and_ints_only(v) for k, v in obj.items())
+    return isinstance(obj, (torch.Tensor, int))
+
+
+def round_trip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_state_round_trip_gives_identical_future_samples(share):
+    a = ReplayBuffer(60, 10**9, share, 7)
+    feed(a, 913, 25)  # leaves the ring's write position mid-ring
+    a.protect(50)
+    a.sample(5)
+    state = a.state_dict()
+    assert _tensors_and_ints_only(state)
+    b = ReplayBuffer(60, 10**9, share, 12345)  # the seed comes from the state
+    b.load_state_dict(round_trip(state))
+    assert len(b) == len(a) and b.seen == a.seen and b.revision == a.revision and b.protected
+    for i in range(20):
+        batch = stream(913 + 25 * i, 25)
+        a.add(*batch)
+        b.add(*batch)
+        for x, y in zip(a.sample(16), b.sample(16), strict=True):
+            assert torch.equal(x, y)
+    assert torch.equal(a._labels, b._labels)
+
+
+def test_state_of_an_unused_buffer_round_trips():
+    a = ReplayBuffer(10, 10**9, 0.5, 1)
+    b = ReplayBuffer(10, 10**9, 0.5, 2)
+    b.load_state_dict(round_trip(a.state_dict()))
+    assert len(b) == 0 and b.nbytes == 0
+    for buf in (a, b):
+        feed(buf, 30, 10)
+    assert torch.equal(a._labels, b._labels)
+
+
+def test_state_loads_into_a_smaller_buffer_keeping_the_latest_recent_samples():
+    a = ReplayBuffer(100, 10**9, 0.2, 0)  # ring of 20
+    feed(a, 1000, 30)
+    b = ReplayBuffer(50, 10**9, 0.2, 0)  # ring of 10, reservoir of 40
+    b.load_state_dict(round_trip(a.state_dict()))
+    assert recent_ids(b) == set(range(990, 1000))
+    assert reservoir_ids(b) == reservoir_ids(a)[:40]
+    b.add(*stream(1000, 3))
+    assert recent_ids(b) == set(range(993, 1003))
+
+
+def test_state_from_something_else_is_refused():
+    buf = ReplayBuffer(10, 10**9, 0.5, 1)
+    with pytest.raises(ValueError, match="replay"):
+        buf.load_state_dict({"format": 1, "seen": -1})
+    with pytest.raises(ValueError, match="replay"):
+        buf.load_state_dict({"weights": {}})
