@@ -82,6 +82,14 @@ def test_grace_period_gives_one_event_per_shift():
     assert len(events) == 1
 
 
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
+def test_both_detectors_restart_after_an_event(detector):
+    # Confidence fires first; the agreement detector, still holding the old level, must not fire later for
+    # the same abrupt shift (here after a grace period too short to hide it).
+    events = feed(DriftMonitor(detector, grace=64), seed=9, n=16_000, change=8_000)
+    assert len(events) == 1, events
+
+
 def test_warmup_suppresses_early_events():
     early = dict(n=12_000, change=1_000)
     assert feed(DriftMonitor("adwin"), seed=6, **early)
