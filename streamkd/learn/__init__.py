@@ -1,1 +1,1 @@
-"""Online-learning mechanisms the training loop composes: replay buffer, EMA weights, holdout-gated publishing."""
+"""Learning: what the student trains on and how (replay, EMA, publishing gate, teacher budget, drift)."""

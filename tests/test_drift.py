@@ -1,0 +1,165 @@
+"""Drift monitor on synthetic streams (false alarms, delay, direction, grace), and the learning-rate boost."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from streamkd.learn.drift import DriftEvent, DriftMonitor, LrBoost, student_confidence
+
+BATCH, SHARE = 64, 0.1
+
+
+def level(start: float, end: float, change: int | None, ramp: int, idx: np.ndarray) -> np.ndarray:
+    """Per-sample value of a signal that moves from ``start`` to ``end`` linearly over ``ramp`` samples."""
+    if change is None:
+        return np.full(len(idx), start)
+    t = np.clip((idx - change + 1) / max(ramp, 1), 0.0, 1.0)
+    return start + (end - start) * t
+
+
+def feed(monitor: DriftMonitor, seed: int, n: int, change: int | None = None, *, agree=(0.88, 0.5),
+         conf=(0.9, 0.6), ramp: int = 1) -> list[DriftEvent]:
+    """Stream n samples in batches of 64: agreement Bernoulli on a ~10 % random share, confidence Beta on all
+    samples (spread of a real student's max-softmax, about 0.15 at mean 0.9), both changing at ``change``."""
+    rng = np.random.default_rng(seed)
+    events = []
+    for start in range(0, n, BATCH):
+        idx = np.arange(start, min(n, start + BATCH))
+        mean = level(*conf, change, ramp, idx)
+        confidence = rng.beta(mean * 3.0, (1 - mean) * 3.0)
+        share = rng.random(len(idx)) < SHARE
+        agreement = (rng.random(len(idx)) < level(*agree, change, ramp, idx))[share]
+        event = monitor.update(agreement.astype(float), confidence)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
+def test_stationary_stream_raises_at_most_one_false_alarm(detector):
+    assert len(feed(DriftMonitor(detector), seed=0, n=60_000)) <= 1
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_shift_is_detected_within_640_samples(detector, seed):
+    change = 20_000 + 17  # mid-batch
+    events = feed(DriftMonitor(detector), seed=seed, n=25_000, change=change)
+    assert events, "shift not detected"
+    first = events[0]
+    assert 0 <= first.samples_seen - change <= 640, first
+    assert first.detector == detector and first.signal in ("agreement", "confidence")
+    if detector == "adwin":
+        assert first.mean_before > first.mean_after
+
+
+def test_agreement_alone_catches_a_shift_the_confidence_does_not_show():
+    # The student stays confident but the teacher disagrees: only the random share can tell.
+    change = 10_000 + 5
+    events = feed(DriftMonitor("adwin"), seed=3, n=15_000, change=change, conf=(0.9, 0.9))
+    assert events and events[0].signal == "agreement"
+    # ~10x fewer observations than the confidence signal: allow more delay than the joint drop.
+    assert 0 <= events[0].samples_seen - change <= 1000
+    assert events[0].mean_before == pytest.approx(0.88, abs=0.05)
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
+def test_a_rise_is_learning_not_drift(detector):
+    rise = dict(agree=(0.5, 0.88), conf=(0.6, 0.9))
+    assert feed(DriftMonitor(detector), seed=4, n=20_000, change=10_000, **rise) == []
+    assert feed(DriftMonitor(detector, direction="both"), seed=4, n=20_000, change=10_000, **rise)
+
+
+def test_grace_period_gives_one_event_per_shift():
+    # A gradual shift keeps moving after the first detection: without a grace period it fires again.
+    gradual = dict(change=10_000, ramp=6_000)
+    assert len(feed(DriftMonitor("adwin", grace=0), seed=5, n=20_000, **gradual)) > 1
+    events = feed(DriftMonitor("adwin", grace=8_000), seed=5, n=20_000, **gradual)
+    assert len(events) == 1
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
+def test_both_detectors_restart_after_an_event(detector):
+    # Confidence fires first; the agreement detector, still holding the old level, must not fire later for
+    # the same abrupt shift (here after a grace period too short to hide it).
+    events = feed(DriftMonitor(detector, grace=64), seed=9, n=16_000, change=8_000)
+    assert len(events) == 1, events
+
+
+def test_warmup_suppresses_early_events():
+    early = dict(n=12_000, change=1_000)
+    assert feed(DriftMonitor("adwin"), seed=6, **early)
+    assert feed(DriftMonitor("adwin", warmup=5_000), seed=6, **early) == []
+
+
+def test_counts_samples_skips_non_finite_values_and_keeps_counters_across_restarts():
+    m = DriftMonitor("adwin")
+    assert m.update(torch.tensor([1.0, float("nan")]), torch.tensor([0.9, float("nan"), 0.8])) is None
+    assert m.samples_seen == 3 and m.signals["confidence"].n == 2 and m.signals["agreement"].n == 1
+    events = feed(m, seed=7, n=15_000, change=8_000)
+    assert m.detections == len(events) >= 1
+    restored = DriftMonitor("adwin")
+    restored.load_state_dict(m.state_dict())
+    assert restored.state_dict() == m.state_dict()
+    assert restored.signals["confidence"].n == 0  # detector windows start empty after a restart
+
+
+def test_event_is_a_plain_record():
+    m = DriftMonitor("page_hinkley")
+    event = feed(m, seed=8, n=12_000, change=6_000)[0]
+    d = event.as_dict()
+    assert set(d) == {"signal", "detector", "samples_seen", "observations", "mean_before", "mean_after"}
+    assert d["detector"] == "page_hinkley" and d["samples_seen"] == event.samples_seen > 6_000
+
+
+def test_bad_settings_name_the_valid_choices():
+    with pytest.raises(ValueError, match="adwin, page_hinkley"):
+        DriftMonitor("kswin")
+    with pytest.raises(ValueError, match="down, both"):
+        DriftMonitor(direction="up")
+    with pytest.raises(ValueError, match="page_hinkley"):
+        DriftMonitor("adwin", threshold=5.0)
+    with pytest.raises(ValueError, match="adwin"):
+        DriftMonitor("page_hinkley", clock=4)
+
+
+def test_student_confidence_is_max_softmax():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    c = student_confidence(logits)
+    assert c[0].item() == pytest.approx(math.exp(2) / (math.exp(2) + 2))
+    assert c[1].item() == pytest.approx(1 / 3)
+
+
+# -- the learning-rate boost ------------------------------------------------------------------------
+
+
+def test_lr_boost_decays_linearly_back_to_one():
+    boost = LrBoost(factor=3.0, steps=4)
+    assert boost.multiplier == 1.0
+    boost.trigger()
+    assert [boost.step() for _ in range(6)] == [3.0, 2.5, 2.0, 1.5, 1.0, 1.0]
+
+
+def test_lr_boost_restarts_and_survives_a_restart():
+    boost = LrBoost(factor=2.0, steps=10)
+    boost.trigger()
+    for _ in range(7):
+        boost.step()
+    boost.trigger()
+    assert boost.multiplier == 2.0
+    boost.step()
+    restored = LrBoost(factor=2.0, steps=10)
+    restored.load_state_dict(boost.state_dict())
+    assert restored.multiplier == boost.multiplier == pytest.approx(1.9)
+
+
+def test_lr_boost_without_steps_is_a_no_op_and_rejects_a_cut():
+    boost = LrBoost(factor=3.0, steps=0)
+    boost.trigger()
+    assert boost.step() == 1.0
+    with pytest.raises(ValueError, match=">= 1"):
+        LrBoost(factor=0.5)
