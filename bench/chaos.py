@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from streamkd.broker import EmbeddedBroker, ensure_topics, free_port
+from streamkd.commands.broker import EmbeddedBroker, ensure_topics, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PARTITIONS = 3

@@ -34,12 +34,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from streamkd import daemon
-    from streamkd.broker import EmbeddedBroker, ensure_topics
+    from streamkd.commands.broker import EmbeddedBroker, ensure_topics
     from streamkd.config import load_config
-    from streamkd.datasets import load_fashion_mnist
-    from streamkd.evaluate import evaluate
-    from streamkd.learner import Learner
-    from streamkd.produce import dataset_records, produce
+    from streamkd.commands.datasets import load_fashion_mnist
+    from streamkd.commands.evaluate import evaluate
+    from streamkd.learn.learner import Learner
+    from streamkd.commands.produce import dataset_records, produce
 
     images, labels = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")

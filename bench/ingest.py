@@ -46,10 +46,10 @@ def bare_consumer(bootstrap: str, topic: str, n: int) -> float:
 
 
 def pipeline(bootstrap: str, topic: str, n: int, mode: str, consumers: int, workers: int, batch: int) -> float:
-    from streamkd.batcher import Batcher
+    from streamkd.ingest.batcher import Batcher
     from streamkd.config import load_config
-    from streamkd.decode import Limits
-    from streamkd.source import KafkaSource, RecordQueue
+    from streamkd.ingest.decode import Limits
+    from streamkd.ingest.source import KafkaSource, RecordQueue
 
     cfg = load_config(None, [f"kafka.bootstrap_servers={bootstrap}", f"kafka.topic={topic}",
                              f"kafka.consumers={consumers}"], env={})
@@ -86,7 +86,7 @@ def main() -> None:
     sys.path.insert(0, "bench")
     from throughput import make_records, produce_n
 
-    from streamkd.broker import EmbeddedBroker, ensure_topics
+    from streamkd.commands.broker import EmbeddedBroker, ensure_topics
     from streamkd.logs import setup_logging
 
     setup_logging("text", "WARNING")

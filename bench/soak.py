@@ -36,11 +36,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from streamkd import daemon
-    from streamkd.broker import EmbeddedBroker, ensure_topics
+    from streamkd.commands.broker import EmbeddedBroker, ensure_topics
     from streamkd.config import load_config
-    from streamkd.datasets import load_fashion_mnist
+    from streamkd.commands.datasets import load_fashion_mnist
     from streamkd.logs import setup_logging
-    from streamkd.produce import encode_image, make_producer, produce
+    from streamkd.commands.produce import encode_image, make_producer, produce
 
     setup_logging("text", "WARNING")
     images, _ = load_fashion_mnist("train")

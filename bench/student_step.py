@@ -27,8 +27,8 @@ def time_variant(model_spec: str, size: int, channels: int, batch: int, steps: i
     """``compile``: None (eager) or a ``torch.compile`` mode; "reduce-overhead" adds CUDA graphs, which
     the daemon does not use yet -- measured here first."""
     from streamkd.config import TrainConfig
-    from streamkd.learner import InputSpec, Learner, resolve_precision
-    from streamkd.models import build_model
+    from streamkd.learn.learner import InputSpec, Learner, resolve_precision
+    from streamkd.learn.models import build_model
 
     torch.manual_seed(0)
     model = build_model(model_spec, 1000 if model_spec.startswith("torchvision:") else 10, in_channels=channels,
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     args = ap.parse_args()
-    from streamkd.learner import resolve_device
+    from streamkd.learn.learner import resolve_device
 
     device = resolve_device(args.device)
     variants = [("auto", True, None), ("fp32", True, None), ("auto", False, None), ("fp32", False, None)]

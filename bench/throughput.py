@@ -62,10 +62,10 @@ def rss_mb() -> float:
 
 def make_records(preset: str, n_distinct: int) -> list[tuple[bytes, list]]:
     """Distinct encoded images, cycled by the producer (timing does not depend on pixel content)."""
-    from streamkd.produce import encode_image
+    from streamkd.commands.produce import encode_image
 
     if preset == "cpu":
-        from streamkd.datasets import load_fashion_mnist
+        from streamkd.commands.datasets import load_fashion_mnist
 
         images, _ = load_fashion_mnist("train")
         return [(encode_image(images[i], "png")[0], [("content-type", b"image/png")]) for i in range(n_distinct)]
@@ -84,7 +84,7 @@ def make_records(preset: str, n_distinct: int) -> list[tuple[bytes, list]]:
 
 
 def produce_n(bootstrap: str, topic: str, records, n: int) -> float:
-    from streamkd.produce import make_producer, produce
+    from streamkd.commands.produce import make_producer, produce
 
     prod = make_producer(bootstrap, compression_type=None)
     t = time.monotonic()
@@ -130,8 +130,8 @@ def measure_compute(parts, batch: int, steps: int, rounds: int = 3) -> tuple[flo
 
 def measure_nvjpeg(records, batch: int, parts, rounds: int = 20) -> dict:
     """nvJPEG batch decode alone, and whether it lets Python run meanwhile (GIL probe), on CUDA only."""
-    from streamkd.decode import Limits
-    from streamkd.gpu_decode import GpuJpegDecoder, check_jpeg
+    from streamkd.ingest.decode import Limits
+    from streamkd.ingest.gpu_decode import GpuJpegDecoder, check_jpeg
 
     refs = [check_jpeg(v, h, Limits()) for v, h in records[:batch]]
     dec = GpuJpegDecoder(parts.device, parts.cfg.teacher.input_size, parts.cfg.teacher.channels)
@@ -161,8 +161,8 @@ def measure_naive(cfg, bootstrap: str, topic: str, batch: int, n: int, device: t
     from kafka import KafkaConsumer
     from PIL import Image
 
-    from streamkd.loss import kd_loss
-    from streamkd.models import build_model, shipped_teacher_weights, TEACHER_SPEC
+    from streamkd.learn.loss import kd_loss
+    from streamkd.learn.models import build_model, shipped_teacher_weights, TEACHER_SPEC
 
     t_cfg = cfg.teacher
     weights = t_cfg.weights or (str(shipped_teacher_weights()) if t_cfg.model == TEACHER_SPEC else None)
@@ -261,7 +261,7 @@ def main() -> None:
     p["warmup"] = min(p["warmup"], n // 4)  # the timed stretch must be most of a short run
 
     from streamkd import daemon
-    from streamkd.broker import EmbeddedBroker, ensure_topics
+    from streamkd.commands.broker import EmbeddedBroker, ensure_topics
     from streamkd.config import load_config
     from streamkd.logs import setup_logging
 

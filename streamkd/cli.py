@@ -11,10 +11,10 @@ import sys
 import threading
 from typing import Callable
 
-from . import __version__
-from .config import ConfigError, load_config
-from .fsutil import DirLockedError
-from .logs import setup_logging
+from streamkd import __version__
+from streamkd.config import ConfigError, load_config
+from streamkd.state.fsutil import DirLockedError
+from streamkd.logs import setup_logging
 
 log = logging.getLogger("streamkd")
 
@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    from . import daemon
+    from streamkd import daemon
 
     stop = threading.Event()
     install_stop_handlers(stop, cfg.train.shutdown_grace_s)

@@ -31,19 +31,20 @@ from typing import Callable
 import torch
 from prometheus_client import CollectorRegistry
 
-from .accounting import Progress, Reporter, StepAccounting
-from .batcher import Batch
-from .checkpoint import CheckpointStore
-from .config import Config
-from .fsutil import lock_dirs
-from .health import Health
-from .intake import KafkaIntake
-from .learner import InputSpec, Learner, Teacher, precision_name, resolve_device, resolve_precision
-from .metrics import Metrics
-from .models import TEACHER_SPEC, build_model, file_sha256, num_classes_of, shipped_teacher_weights
-from .persistence import Persistence
-from .server import HttpServer
-from .snapshot import SnapshotStore
+from streamkd.learn.accounting import Progress, Reporter, StepAccounting
+from streamkd.ingest.batcher import Batch
+from streamkd.state.checkpoint import CheckpointStore
+from streamkd.config import Config
+from streamkd.state.fsutil import lock_dirs
+from streamkd.serve.export import snapshot_extras
+from streamkd.serve.health import Health
+from streamkd.ingest.intake import KafkaIntake
+from streamkd.learn.learner import InputSpec, Learner, Teacher, precision_name, resolve_device, resolve_precision
+from streamkd.metrics import Metrics
+from streamkd.learn.models import TEACHER_SPEC, build_model, file_sha256, num_classes_of, shipped_teacher_weights
+from streamkd.state.persistence import Persistence
+from streamkd.serve.server import HttpServer
+from streamkd.state.snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ def build(cfg: Config, registry: CollectorRegistry | None = None, *, intake: Kaf
     intake = intake if intake is not None else KafkaIntake(cfg, metrics, device, num_classes)
     accounting = StepAccounting(Progress(), metrics, cfg.train.agreement_window, device, on_done=intake.end_step)
     persistence = Persistence(cfg, learner, checkpoints, snapshots, metrics, teacher_sha256=sha,
-                              manifest=functools.partial(manifest, cfg, num_classes, teacher_info))
+                              manifest=functools.partial(manifest, cfg, num_classes, teacher_info),
+                              extras=lambda student: snapshot_extras(student, cfg.snapshot))  # in a child process
     health = Health(metrics, lambda: intake.ready)
     server = HttpServer(cfg.metrics.host, cfg.metrics.port, registry, healthy=health.alive, ready=health.ready,
                         snapshots=snapshots, token=cfg.metrics.snapshot_token,

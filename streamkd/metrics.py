@@ -15,7 +15,7 @@ from prometheus_client import (
     REGISTRY, CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector, ProcessCollector)
 from prometheus_client.core import GaugeMetricFamily
 
-from . import __version__
+from streamkd import __version__
 
 # Teacher forward / train step latencies span ~1 ms (tiny CPU models) to seconds (big GPU batches).
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streamkd.broker import EmbeddedBroker, ensure_topics, free_port
+from streamkd.commands.broker import EmbeddedBroker, ensure_topics, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,8 +57,8 @@ def produce_values(bootstrap: str, topic: str, values, *, partitions: int = 3, h
 
 def fmnist_pngs(n: int, split: str = "test", start: int = 0, labels: bool = False):
     """(values, headers_fn) for n Fashion-MNIST images as PNG records."""
-    from streamkd.datasets import load_fashion_mnist
-    from streamkd.produce import encode_image
+    from streamkd.commands.datasets import load_fashion_mnist
+    from streamkd.commands.produce import encode_image
 
     images, ys = load_fashion_mnist(split)
     values = [encode_image(images[start + i])[0] for i in range(n)]

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from streamkd.batcher import Batch, Batcher, prepare
-from streamkd.decode import Decoded, Limits, Rejected
-from streamkd.gpu_decode import JpegRef
-from streamkd.source import RawRecord, RecordQueue
+from streamkd.ingest.batcher import Batch, Batcher, prepare
+from streamkd.ingest.decode import Decoded, Limits, Rejected
+from streamkd.ingest.gpu_decode import JpegRef
+from streamkd.ingest.source import RawRecord, RecordQueue
 
 
 def npy(arr: np.ndarray) -> bytes:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamkd import checkpoint as ckpt_mod
-from streamkd.checkpoint import CheckpointStore, TrainState, is_finite_state
+from streamkd.state import checkpoint as ckpt_mod
+from streamkd.state.checkpoint import CheckpointStore, TrainState, is_finite_state
 
 
 def make_state(step: int, seed: int = 0) -> TrainState:

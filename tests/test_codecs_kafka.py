@@ -12,7 +12,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from conftest import REPO, fmnist_pngs, free_port, write_config
-from streamkd.snapshot import SnapshotStore
+from streamkd.state.snapshot import SnapshotStore
 
 pytestmark = [pytest.mark.kafka]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import fmnist_pngs, free_port, produce_values, write_config
-from streamkd.snapshot import SnapshotStore
+from streamkd.state.snapshot import SnapshotStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -9,9 +9,9 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from conftest import fmnist_pngs, free_port, produce_values, write_config
-from streamkd.fsutil import sha256_file
-from streamkd.pull import pull_once
-from streamkd.snapshot import SnapshotStore
+from streamkd.state.fsutil import sha256_file
+from streamkd.serve.pull import pull_once
+from streamkd.state.snapshot import SnapshotStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamkd import datasets
-from streamkd.datasets import FASHION_MNIST_CLASSES, DatasetNotFound, load_fashion_mnist, read_idx
+from streamkd.commands import datasets
+from streamkd.commands.datasets import FASHION_MNIST_CLASSES, DatasetNotFound, load_fashion_mnist, read_idx
 
 debian = pytest.mark.skipif(
     not (datasets.DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file(),

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from streamkd.decode import (
+from streamkd.ingest.decode import (
     REASONS,
     Decoded,
     Limits,

@@ -10,10 +10,10 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 
-from streamkd.broker import EmbeddedBroker, ensure_topics, free_port
+from streamkd.commands.broker import EmbeddedBroker, ensure_topics, free_port
 from streamkd.config import KafkaConfig
-from streamkd.dlq import DeadLetterError, DeadLetters, producer_config
-from streamkd.source import RawRecord
+from streamkd.ingest.dlq import DeadLetterError, DeadLetters, producer_config
+from streamkd.ingest.source import RawRecord
 
 
 def rec(offset: int, value: bytes = b"x" * 10) -> RawRecord:

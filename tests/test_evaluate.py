@@ -10,18 +10,18 @@ import torch
 from safetensors.torch import save_file
 
 from streamkd import cli
-from streamkd import models as models_mod
-from streamkd.datasets import load_fashion_mnist
-from streamkd.evaluate import (
+from streamkd.learn import models as models_mod
+from streamkd.commands.datasets import load_fashion_mnist
+from streamkd.commands.evaluate import (
     InputSpec,
     agreement,
     evaluate,
     predict,
     spec_from_manifest,
 )
-from streamkd.models import FMNIST_MEAN, FMNIST_STD, build_model
-from streamkd.preprocess import to_model_input
-from streamkd.snapshot import SnapshotStore
+from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
+from streamkd.learn.preprocess import to_model_input
+from streamkd.state.snapshot import SnapshotStore
 
 SPEC = InputSpec((28, 28), 1, FMNIST_MEAN, FMNIST_STD)
 
@@ -122,7 +122,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys) -> None:
 
 
 def write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor, names: list[str]) -> None:
-    from streamkd.produce import encode_image
+    from streamkd.commands.produce import encode_image
 
     for i, (img, y) in enumerate(zip(images, labels.tolist())):
         d = root / names[y]

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from streamkd import cli
-from streamkd import export as export_mod
-from streamkd.datasets import load_fashion_mnist
-from streamkd.export import (
+from streamkd.serve import export as export_mod
+from streamkd.commands.datasets import load_fashion_mnist
+from streamkd.serve.export import (
     FORMATS,
     INPUT_NAME,
     OUTPUT_NAME,
@@ -24,9 +24,9 @@ from streamkd.export import (
     load_student,
     snapshot_exporters,
 )
-from streamkd.models import FMNIST_MEAN, FMNIST_STD, build_model
-from streamkd.preprocess import to_model_input
-from streamkd.snapshot import SnapshotStore
+from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
+from streamkd.learn.preprocess import to_model_input
+from streamkd.state.snapshot import SnapshotStore
 
 SHAPE = (1, 1, 28, 28)
 
@@ -237,7 +237,7 @@ def test_onnx_falls_back_to_the_torchscript_exporter(student, tmp_path, monkeypa
 @pytest.mark.parametrize("spec", ["FILE", "model.pt2", "streamkd:lenet5.pt2", "torchvision:../../x", "file:/x.ts",
                                   "streamkd:lenet5\n", None, 7])
 def test_manifest_naming_a_model_file_is_never_loaded(tmp_path, monkeypatch, capsys, spec) -> None:
-    from streamkd import models
+    from streamkd.learn import models
 
     # A real TorchScript file: loading one runs whatever code it was saved with.
     ts_file = tmp_path / "student.ts"
@@ -294,7 +294,7 @@ def test_a_failed_export_costs_only_its_file(student, tmp_path, caplog) -> None:
     """A child that runs past its time is killed; the snapshot is published without the exports."""
     m = daemon_manifest()
     store = SnapshotStore(tmp_path)
-    with caplog.at_level("ERROR", logger="streamkd.export"):
+    with caplog.at_level("ERROR", logger="streamkd.serve.export"):
         out = store.publish(student.state_dict(), m,
                             write_extras=SnapshotExports(m["student"], ["onnx", "torchscript"], timeout_s=0.2))
     assert sorted(out["files"]) == ["model.safetensors"]
@@ -308,7 +308,7 @@ def test_one_failing_format_keeps_the_others(student, tmp_path, caplog) -> None:
     """A student the exporter cannot rebuild fails every format, in the child, and is reported."""
     m = daemon_manifest()
     bad = {**m["student"], "num_classes": 7}  # the weights have 10 outputs: the child refuses to load them
-    with caplog.at_level("ERROR", logger="streamkd.export"):
+    with caplog.at_level("ERROR", logger="streamkd.serve.export"):
         out = SnapshotStore(tmp_path).publish(student.state_dict(), m,
                                               write_extras=SnapshotExports(bad, ["torchscript"]))
     assert sorted(out["files"]) == ["model.safetensors"]

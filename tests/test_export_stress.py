@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from streamkd.config import TrainConfig
-from streamkd.export import SnapshotExports
-from streamkd.learner import InputSpec, Learner
-from streamkd.models import FMNIST_MEAN, FMNIST_STD, build_model
-from streamkd.snapshot import SnapshotStore
+from streamkd.serve.export import SnapshotExports
+from streamkd.learn.learner import InputSpec, Learner
+from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
+from streamkd.state.snapshot import SnapshotStore
 
 STUDENT = {"model": "streamkd:lenet5", "num_classes": 10, "input_shape": [1, 1, 28, 28], "channels": 1,
            "input_size": [28, 28], "mean": list(FMNIST_MEAN), "std": list(FMNIST_STD)}
@@ -68,7 +68,7 @@ def test_many_exports_beside_training(tmp_path) -> None:
     newest = published[-1]
     vdir = tmp_path / str(newest["version"])
     model = build_model("streamkd:lenet5", 10, in_channels=1, input_size=(28, 28))
-    from streamkd.models import load_state_dict_file
+    from streamkd.learn.models import load_state_dict_file
 
     model.load_state_dict(load_state_dict_file(vdir / "model.safetensors"))
     x = torch.randn(4, 1, 28, 28)

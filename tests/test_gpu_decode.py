@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from streamkd.decode import Decoded, Limits, decode_record
-from streamkd.gpu_decode import GpuJpegDecoder, JpegRef, check_jpeg, jpeg_frame
+from streamkd.ingest.decode import Decoded, Limits, decode_record
+from streamkd.ingest.gpu_decode import GpuJpegDecoder, JpegRef, check_jpeg, jpeg_frame
 
 
 def jpeg(w=40, h=30, mode="RGB", progressive=False) -> bytes:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from streamkd.config import TrainConfig
-from streamkd.learner import S, InputSpec, Learner, Teacher, resolve_precision
-from streamkd.models import build_model
+from streamkd.learn.learner import S, InputSpec, Learner, Teacher, resolve_precision
+from streamkd.learn.models import build_model
 
 SPEC = InputSpec((28, 28), 1, (0.5,), (0.5,))
 
@@ -94,7 +94,7 @@ def test_bf16_autocast_path_on_cpu():
 
 
 def test_teacher_auto_precision_follows_native_bf16(monkeypatch):
-    import streamkd.learner as learner_mod
+    import streamkd.learn.learner as learner_mod
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(learner_mod, "native_bf16", lambda device: True)
@@ -108,8 +108,8 @@ def test_teacher_auto_precision_follows_native_bf16(monkeypatch):
 
 def test_bf16_teacher_agrees_with_fp32_on_real_images():
     """The shipped teacher in bf16 (what ``auto`` picks on CPUs with AVX512-BF16) gives the same labels."""
-    from streamkd.datasets import load_fashion_mnist
-    from streamkd.models import shipped_teacher_weights
+    from streamkd.commands.datasets import load_fashion_mnist
+    from streamkd.learn.models import shipped_teacher_weights
 
     images, labels = load_fashion_mnist("test")
     x, y = torch.as_tensor(images[:1000]), torch.as_tensor(labels[:1000])

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from streamkd import daemon
-from streamkd.accounting import Window
-from streamkd.batcher import Batch
-from streamkd.checkpoint import CheckpointStore
+from streamkd.learn.accounting import Window
+from streamkd.ingest.batcher import Batch
+from streamkd.state.checkpoint import CheckpointStore
 from streamkd.config import load_config
-from streamkd.snapshot import SnapshotStore
+from streamkd.state.snapshot import SnapshotStore
 
 BATCH = 8
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from streamkd.loss import kd_loss
+from streamkd.learn.loss import kd_loss
 
 # The 2×3 example, worked by hand at T = 2:
 #   row 0: s = [1, 2, 3], t = [3, 2, 1]; row 1: s = t = [0, 0, 0]

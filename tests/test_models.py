@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from streamkd import models
-from streamkd.models import (
+from streamkd.learn import models
+from streamkd.learn.models import (
     build_model,
     file_sha256,
     load_state_dict_file,

@@ -13,9 +13,9 @@ import torch
 
 from conftest import fmnist_pngs
 from streamkd import daemon
-from streamkd.broker import ensure_topics
+from streamkd.commands.broker import ensure_topics
 from streamkd.config import load_config
-from streamkd.decode import Decoded, Limits, decode_record
+from streamkd.ingest.decode import Decoded, Limits, decode_record
 
 pytestmark = [pytest.mark.kafka]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from streamkd.preprocess import resize_uint8, to_model_input
+from streamkd.learn.preprocess import resize_uint8, to_model_input
 
 RNG = np.random.default_rng(0)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

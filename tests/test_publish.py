@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from streamkd.config import ConfigError, SnapshotConfig, load_config
-from streamkd.publish import Uploader
-from streamkd.snapshot import SnapshotStore
+from streamkd.state.publish import Uploader
+from streamkd.state.snapshot import SnapshotStore
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")

@@ -17,8 +17,8 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamkd import cli
-from streamkd import pull as pull_mod
-from streamkd.pull import (
+from streamkd.serve import pull as pull_mod
+from streamkd.serve.pull import (
     AuthError,
     PullError,
     TransientError,
@@ -26,8 +26,8 @@ from streamkd.pull import (
     pull_once,
     watch,
 )
-from streamkd.server import HttpServer
-from streamkd.snapshot import MODEL_FILE, SnapshotStore
+from streamkd.serve.server import HttpServer
+from streamkd.state.snapshot import MODEL_FILE, SnapshotStore
 
 TOKEN = "s3cret-token-value"
 

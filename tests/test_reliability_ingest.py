@@ -16,9 +16,9 @@ import pytest
 
 from conftest import fmnist_pngs, free_port, produce_values
 from streamkd import daemon
-from streamkd.broker import ensure_topics
+from streamkd.commands.broker import ensure_topics
 from streamkd.config import load_config
-from streamkd.dlq import DeadLetters
+from streamkd.ingest.dlq import DeadLetters
 
 pytestmark = [pytest.mark.kafka]
 

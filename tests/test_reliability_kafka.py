@@ -29,8 +29,8 @@ from kafka import KafkaConsumer, TopicPartition
 from safetensors.torch import load_file
 
 from conftest import DaemonProc, free_port, produce_values, write_config
-from streamkd.broker import EmbeddedBroker, ensure_topics
-from streamkd.snapshot import SnapshotStore
+from streamkd.commands.broker import EmbeddedBroker, ensure_topics
+from streamkd.state.snapshot import SnapshotStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -146,7 +146,7 @@ def hooks_env(tmp_path: Path, **env: str) -> dict[str, str]:
         import os
         if os.environ.get("STREAMKD_TEST_ABORT_ON"):
             import resource
-            import streamkd.batcher as _b
+            import streamkd.ingest.batcher as _b
             _marker = bytes.fromhex(os.environ["STREAMKD_TEST_ABORT_ON"])
             _real = _b.decode_record
             def _decode(value, headers, limits):
@@ -157,7 +157,7 @@ def hooks_env(tmp_path: Path, **env: str) -> dict[str, str]:
             _b.decode_record = _decode
         if os.environ.get("STREAMKD_TEST_SLOW_STEP_S"):
             import time
-            import streamkd.learner as _l
+            import streamkd.learn.learner as _l
             _delay = float(os.environ["STREAMKD_TEST_SLOW_STEP_S"])
             _step = _l.Learner.step
             def _slow(self, *a, **k):
@@ -166,7 +166,7 @@ def hooks_env(tmp_path: Path, **env: str) -> dict[str, str]:
             _l.Learner.step = _slow
         if os.environ.get("STREAMKD_TEST_STEP_CRASH_ON"):
             import resource
-            import streamkd.learner as _l
+            import streamkd.learn.learner as _l
             _value, _, _how = os.environ["STREAMKD_TEST_STEP_CRASH_ON"].partition(":")
             _real_step = _l.Learner.step
             def _crashing(self, images, *a, **k):

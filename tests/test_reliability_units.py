@@ -20,14 +20,14 @@ import pytest
 import torch
 from kafka.future import Future
 
-import streamkd.batcher as batcher_mod
-from streamkd.batcher import Batcher
+import streamkd.ingest.batcher as batcher_mod
+from streamkd.ingest.batcher import Batcher
 from streamkd.config import KafkaConfig
-from streamkd.decode import Limits
-from streamkd.quarantine import JOURNAL_FILE, DecodeJournal, chunk_ranges
-from streamkd.snapshot import SnapshotStore
-from streamkd.dlq import DeadLetterError, DeadLetters
-from streamkd.source import KafkaSource, RawRecord, RecordQueue
+from streamkd.ingest.decode import Limits
+from streamkd.ingest.journal import JOURNAL_FILE, DecodeJournal, chunk_ranges
+from streamkd.state.snapshot import SnapshotStore
+from streamkd.ingest.dlq import DeadLetterError, DeadLetters
+from streamkd.ingest.source import KafkaSource, RawRecord, RecordQueue
 
 
 def npy(value: int = 7) -> bytes:
@@ -283,7 +283,7 @@ def test_out_of_range_positions_are_reset_loudly(start, lo, hi, fail_at, expect_
     errors: list[str] = []
     q = RecordQueue(100, 1 << 20)
     src = KafkaSource(KafkaConfig(topic="t"), q, {0: start}, threading.Event(), on_error=errors.append)
-    with caplog.at_level(logging.ERROR, logger="streamkd.source"):
+    with caplog.at_level(logging.ERROR, logger="streamkd.ingest.source"):
         src._consume(FakeConsumer(src, lo, hi, fail_at), 0)
     got = q.get_many(100, 0)
     if expect_first is None:
@@ -298,7 +298,7 @@ def test_out_of_range_positions_are_reset_loudly(start, lo, hi, fail_at, expect_
 
 @pytest.mark.parametrize("where", ["model", "latest"])
 def test_snapshot_disk_full_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    import streamkd.snapshot as snap
+    import streamkd.state.snapshot as snap
 
     store = SnapshotStore(tmp_path)
     first = store.publish({"w": torch.ones(4)}, {"step": 1})

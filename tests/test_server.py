@@ -16,8 +16,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Counter
 
-from streamkd.server import HttpServer
-from streamkd.snapshot import SnapshotStore
+from streamkd.serve.server import HttpServer
+from streamkd.state.snapshot import SnapshotStore
 
 TOKEN = "s3cret-token"
 
@@ -256,7 +256,7 @@ def _serve(store: SnapshotStore | None, host: str = "127.0.0.1", **kwargs) -> Ht
 ])
 def test_untokened_snapshots_on_a_reachable_address_warn_at_start(store, caplog, host, token, snapshots,
                                                                    warned) -> None:
-    with caplog.at_level(logging.WARNING, logger="streamkd.server"):
+    with caplog.at_level(logging.WARNING, logger="streamkd.serve.server"):
         srv = _serve(store if snapshots else None, host, token=token)
         srv.stop()
     hits = [r for r in caplog.records if r.levelno == logging.WARNING and "without a token" in r.getMessage()]
@@ -294,7 +294,7 @@ def test_request_time_is_bounded_even_for_a_client_dripping_headers(store, caplo
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
         t0 = time.monotonic()
         closed = False
-        caplog.set_level(logging.WARNING, logger="streamkd.server")
+        caplog.set_level(logging.WARNING, logger="streamkd.serve.server")
         while time.monotonic() - t0 < 6:  # each byte comes well within the per-read timeout
             try:
                 s.sendall(b"X-Slow: 1\r\n")

@@ -22,12 +22,12 @@ from conftest import REPO
 
 from streamkd import daemon
 from streamkd.config import load_config
-from streamkd.datasets import load_fashion_mnist
-from streamkd.export import snapshot_exporters
-from streamkd.models import build_model
-from streamkd.preprocess import to_model_input
-from streamkd.produce import encode_image
-from streamkd.snapshot import SnapshotStore
+from streamkd.commands.datasets import load_fashion_mnist
+from streamkd.serve.export import snapshot_exporters
+from streamkd.learn.models import build_model
+from streamkd.learn.preprocess import to_model_input
+from streamkd.commands.produce import encode_image
+from streamkd.state.snapshot import SnapshotStore
 
 README = REPO / "README.md"
 MARKER = "onnxruntime example"

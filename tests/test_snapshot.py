@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamkd.snapshot import NonFiniteWeights, SnapshotStore
+from streamkd.state.snapshot import NonFiniteWeights, SnapshotStore
 
 
 def weights(seed: int = 0, n: int = 256) -> dict[str, torch.Tensor]:
@@ -199,7 +199,7 @@ def test_latest_names_missing_version(tmp_path: Path) -> None:
 def test_verification_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SnapshotStore(tmp_path)
     store.publish(weights(), MANIFEST)
-    import streamkd.snapshot as mod
+    import streamkd.state.snapshot as mod
 
     calls = []
     real = mod.sha256_file

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from streamkd.config import KafkaConfig
-from streamkd.source import ErrorStreak, KafkaSource, RecordQueue
+from streamkd.ingest.source import ErrorStreak, KafkaSource, RecordQueue
 
 
 class Clock:
@@ -25,7 +25,7 @@ class Clock:
 def test_error_streak_turns_unhealthy_and_logs_errors_every_minute(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     streak = ErrorStreak(unhealthy_after_s=30, log_every_s=60, clock=clock)
-    with caplog.at_level(logging.INFO, logger="streamkd.source"):
+    with caplog.at_level(logging.INFO, logger="streamkd.ingest.source"):
         streak.failed("boom (UnsupportedCodecError)")
         assert not streak.unhealthy
         assert [r.levelname for r in caplog.records] == ["WARNING"]
@@ -68,7 +68,7 @@ def test_persistent_poll_error_makes_the_source_unready_then_recovers(broker, to
     src = KafkaSource(cfg, q, {}, stop, on_error=errors.append, probe_every_s=0.2)
     src.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="streamkd.source"):
+        with caplog.at_level(logging.WARNING, logger="streamkd.ingest.source"):
             deadline = time.monotonic() + 30
             while not (src.status.assigned and errors.count("poll") >= 2) and time.monotonic() < deadline:
                 time.sleep(0.05)

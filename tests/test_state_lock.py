@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, fmnist_pngs, free_port, produce_values, write_config
-from streamkd.fsutil import LOCK_FILE, DirLockedError, lock_dirs, unlock_dirs
+from streamkd.state.fsutil import LOCK_FILE, DirLockedError, lock_dirs, unlock_dirs
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from streamkd.fsutil import lock_dirs
+    from streamkd.state.fsutil import lock_dirs
     lock_dirs(*sys.argv[1:])
     print("locked", flush=True)
     time.sleep(60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from streamkd.quarantine import TRAIN_JOURNAL_FILE, TrainJournal, batch_ranges
+from streamkd.ingest.journal import TRAIN_JOURNAL_FILE, TrainJournal, batch_ranges
 
 
 def restart(directory: Path, resume: dict[int, int] | None = None) -> TrainJournal:

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from streamkd import datasets, train_teacher as tt
-from streamkd.models import build_model, file_sha256, num_classes_of
+from streamkd.commands import train_teacher as tt
+
+from streamkd.commands import datasets
+from streamkd.learn.models import build_model, file_sha256, num_classes_of
 
 # The teacher costs ~0.12 GMAC per image, so on a small shared CPU even a few
 # images take about a second: these runs use --limit 64 (two steps), not 256.
@@ -80,7 +82,7 @@ def test_cli_defaults():
 
 
 def test_cli_writes_into_the_package_only_when_asked(capsys):
-    from streamkd.models import WEIGHTS_DIR
+    from streamkd.learn.models import WEIGHTS_DIR
 
     parser = argparse.ArgumentParser(prog="streamkd")
     tt.register(parser.add_subparsers())

@@ -10,10 +10,10 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from streamkd.export import SnapshotExports
-from streamkd.models import FMNIST_MEAN, FMNIST_STD, build_model
-from streamkd.snapshot import SnapshotStore
-from streamkd.triton import CONFIG_FILE, model_config
+from streamkd.serve.export import SnapshotExports
+from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
+from streamkd.state.snapshot import SnapshotStore
+from streamkd.serve.triton import CONFIG_FILE, model_config
 
 STUDENT = {"model": "streamkd:lenet5", "num_classes": 10, "input_shape": [1, 1, 28, 28], "channels": 1,
            "input_size": [28, 28], "mean": list(FMNIST_MEAN), "std": list(FMNIST_STD)}
@@ -118,8 +118,8 @@ def test_pull_into_a_triton_repository(repo, tmp_path) -> None:
     """`streamkd pull URL REPO/MODEL` writes a model folder Triton can poll: config.pbtxt beside the versions."""
     from prometheus_client import CollectorRegistry
 
-    from streamkd.pull import pull_once
-    from streamkd.server import HttpServer
+    from streamkd.serve.pull import pull_once
+    from streamkd.serve.server import HttpServer
 
     root, _ = repo
     server = HttpServer("127.0.0.1", 0, CollectorRegistry(), healthy=lambda: True, ready=lambda: True,

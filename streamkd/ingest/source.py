@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .config import KafkaConfig
+from streamkd.config import KafkaConfig
 
 log = logging.getLogger(__name__)
 

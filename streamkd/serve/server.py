@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from .snapshot import MANIFEST_FILE, SnapshotStore
+from streamkd.state.snapshot import MANIFEST_FILE, SnapshotStore
 
 __all__ = ["HttpServer"]
 

@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from .learner import S
-from .metrics import Metrics
+from streamkd.learn.learner import S
+from streamkd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -134,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .broker import ensure_topics
+    from streamkd.commands.broker import ensure_topics
 
     ensure_topics(args.bootstrap_servers, {args.topic: args.partitions})
     producer = make_producer(args.bootstrap_servers, args.compression)
@@ -147,7 +147,7 @@ def _main(args: argparse.Namespace) -> int:
                     records = itertools.islice(records, args.limit)
                 n = None
             else:
-                from .datasets import load_fashion_mnist
+                from streamkd.commands.datasets import load_fashion_mnist
 
                 images, labels = load_fashion_mnist(args.split, args.data_dir)
                 order = np.arange(len(images)) if args.seed < 0 else np.random.default_rng(args.seed).permutation(

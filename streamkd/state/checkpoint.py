@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .fsutil import atomic_publish_dir, fsync_dir, remove_tree
+from streamkd.state.fsutil import atomic_publish_dir, fsync_dir, remove_tree
 
 __all__ = ["CheckpointError", "CheckpointStore", "TrainState", "is_finite_state"]
 

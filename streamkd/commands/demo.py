@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def demo_config(bootstrap: str, topic: str, state: Path, args: argparse.Namespace):
-    from .config import load_config
+    from streamkd.config import load_config
 
     overrides = [
         f"kafka.bootstrap_servers={bootstrap}", f"kafka.topic={topic}", f"kafka.dlq_topic={topic}.dlq",
@@ -52,11 +52,11 @@ def demo_config(bootstrap: str, topic: str, state: Path, args: argparse.Namespac
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .broker import EmbeddedBroker, ensure_topics
-    from .cli import install_stop_handlers
-    from .datasets import load_fashion_mnist
-    from .logs import setup_logging
-    from .produce import dataset_records, make_producer, produce
+    from streamkd.commands.broker import EmbeddedBroker, ensure_topics
+    from streamkd.cli import install_stop_handlers
+    from streamkd.commands.datasets import load_fashion_mnist
+    from streamkd.logs import setup_logging
+    from streamkd.commands.produce import dataset_records, make_producer, produce
 
     setup_logging("text", "WARNING" if not args.no_progress else "INFO")
     images, labels = load_fashion_mnist("train", args.data_dir)
@@ -66,7 +66,7 @@ def _main(args: argparse.Namespace) -> int:
     state = args.state_dir or Path(tempfile.mkdtemp(prefix="streamkd-demo-"))
     state.mkdir(parents=True, exist_ok=True)
 
-    from . import daemon
+    from streamkd import daemon
 
     with EmbeddedBroker() as broker:
         topic = "fashion-mnist"
@@ -141,7 +141,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _report(parts, test_images, test_labels, state: Path, seconds: float, records: int, prog) -> None:
-    from .evaluate import agreement, evaluate
+    from streamkd.commands.evaluate import agreement, evaluate
 
     device = parts.device
     teacher_acc = evaluate(parts.teacher.model, test_images, test_labels, parts.teacher.spec, device=device)["acc"]

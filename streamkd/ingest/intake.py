@@ -16,13 +16,13 @@ import threading
 
 import torch
 
-from .batcher import Batch, Batcher
-from .config import Config
-from .decode import Limits, Rejected
-from .dlq import DeadLetters
-from .metrics import Metrics
-from .quarantine import DecodeJournal, TrainJournal, batch_ranges
-from .source import KafkaSource, RawRecord, RecordQueue
+from streamkd.ingest.batcher import Batch, Batcher
+from streamkd.config import Config
+from streamkd.ingest.decode import Limits, Rejected
+from streamkd.ingest.dlq import DeadLetters
+from streamkd.metrics import Metrics
+from streamkd.ingest.journal import DecodeJournal, TrainJournal, batch_ranges
+from streamkd.ingest.source import KafkaSource, RawRecord, RecordQueue
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class KafkaIntake:
         self.source = KafkaSource(cfg.kafka, records, offsets, self.stop_event, on_consumed=metrics.consumed,
                                   on_error=lambda op: metrics.kafka_errors.labels(op).inc())
         # A record whose decoding or training kills the process is found and dead-lettered after a few
-        # restarts, instead of crash-looping (quarantine.py). The journals live beside the checkpoints.
+        # restarts, instead of crash-looping (journal.py). The journals live beside the checkpoints.
         decode_journal = DecodeJournal(cfg.checkpoint.dir, offsets, max_crashes=cfg.train.max_crashes)
         self.train_journal = TrainJournal(cfg.checkpoint.dir, offsets, max_crashes=cfg.train.max_crashes)
         limits = Limits(cfg.input.max_bytes, cfg.input.max_pixels, cfg.input.max_images, cfg.input.max_decoded_bytes)
@@ -129,6 +129,6 @@ def _gpu_decoder(cfg: Config, device: torch.device):
     """nvJPEG batch decoder on CUDA hosts (``input.gpu_decode``), else None (CPU decode pool only)."""
     if device.type != "cuda" or not cfg.input.gpu_decode:
         return None
-    from .gpu_decode import GpuJpegDecoder
+    from streamkd.ingest.gpu_decode import GpuJpegDecoder
 
     return GpuJpegDecoder(device, cfg.teacher.input_size, cfg.teacher.channels)

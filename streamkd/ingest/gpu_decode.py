@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .decode import Limits, Rejected, parse_headers
+from streamkd.ingest.decode import Limits, Rejected, parse_headers
 
 # Start-of-frame markers nvJPEG decodes: baseline, extended sequential, progressive (Huffman coding).
 _SOF_GPU = {0xC0, 0xC1, 0xC2}

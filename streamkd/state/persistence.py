@@ -14,17 +14,16 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from .accounting import Progress
-from .checkpoint import CheckpointStore, TrainState, is_finite_state
-from .config import Config
-from .learner import Learner
-from .metrics import Metrics
-from .export import snapshot_extras
-from .snapshot import NonFiniteWeights, SnapshotStore
+from streamkd.learn.accounting import Progress
+from streamkd.state.checkpoint import CheckpointStore, TrainState, is_finite_state
+from streamkd.config import Config
+from streamkd.learn.learner import Learner
+from streamkd.metrics import Metrics
+from streamkd.state.snapshot import NonFiniteWeights, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,13 @@ class Persistence:
     """When and what to write: checkpoints (for resume) and snapshots (for serving)."""
 
     def __init__(self, cfg: Config, learner: Learner, checkpoints: CheckpointStore, snapshots: SnapshotStore,
-                 metrics: Metrics, manifest: Callable[[Progress], dict], teacher_sha256: str | None):
+                 metrics: Metrics, manifest: Callable[[Progress], dict], teacher_sha256: str | None,
+                 extras: Callable[[dict], Any] | None = None):
         self.cfg, self.learner, self.metrics = cfg, learner, metrics
         self.lineage = {"config_sha256": cfg.sha256(), "teacher_sha256": teacher_sha256}  # in every checkpoint
         self.checkpoints, self.snapshots = checkpoints, snapshots
         self.manifest = manifest  # Progress -> the manifest body of a snapshot taken now
+        self.extras = extras  # manifest["student"] -> the serving formats' writer (publish's write_extras)
         self.commit: Callable[[dict[int, int]], None] = lambda offsets: None  # set to the intake's commit
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self._ckpt: Future | None = None
@@ -126,7 +127,7 @@ class Persistence:
 
     def _publish(self, weights: dict[str, torch.Tensor], manifest: dict) -> None:
         try:
-            extras = snapshot_extras(manifest["student"], self.cfg.snapshot)  # exports run in a child process
+            extras = self.extras(manifest["student"]) if self.extras is not None else None
             m = self.snapshots.publish(weights, manifest, write_extras=extras)
         except NonFiniteWeights as e:
             log.error("snapshot refused: %s (the previous snapshot stays the newest)", e)

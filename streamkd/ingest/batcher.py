@@ -10,7 +10,7 @@ advance the offsets too: they are dead-lettered, not retried.
 
 Labels are checked against the teacher's classes here, before any step sees them.
 
-With a :class:`~streamkd.quarantine.DecodeJournal`, every decode is journaled
+With a :class:`~streamkd.ingest.journal.DecodeJournal`, every decode is journaled
 so that a record whose decoding kills the process (a native decoder crash) is
 found and dead-lettered after a few restarts instead of crash-looping.
 """
@@ -27,11 +27,11 @@ from typing import Callable
 
 import torch
 
-from .decode import Decoded, Limits, Rejected, check_decoded_bytes, decode_record
-from .gpu_decode import GpuJpegDecoder, JpegRef, check_jpeg
-from .preprocess import resize_uint8
-from .quarantine import DecodeJournal, TrainJournal, chunk_ranges
-from .source import RawRecord, RecordQueue
+from streamkd.ingest.decode import Decoded, Limits, Rejected, check_decoded_bytes, decode_record
+from streamkd.ingest.gpu_decode import GpuJpegDecoder, JpegRef, check_jpeg
+from streamkd.learn.preprocess import resize_uint8
+from streamkd.ingest.journal import DecodeJournal, TrainJournal, chunk_ranges
+from streamkd.ingest.source import RawRecord, RecordQueue
 
 log = logging.getLogger(__name__)
 

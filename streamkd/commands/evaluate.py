@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .learner import InputSpec
-from .preprocess import to_model_input
+from streamkd.learn.learner import InputSpec
+from streamkd.learn.preprocess import to_model_input
 
 __all__ = ["InputSpec", "agreement", "evaluate", "predict", "register", "spec_from_manifest"]
 
 
 def spec_from_manifest(student: Mapping[str, Any]) -> InputSpec:
     """InputSpec from a manifest's `student` section (input_size, channels, mean, std)."""
-    from .export import student_geometry
+    from streamkd.serve.export import student_geometry
 
     c, h, w = student_geometry(dict(student))
     return InputSpec((h, w), c, tuple(student["mean"]), tuple(student["std"]))
@@ -106,8 +106,8 @@ def agreement(
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from .config import TeacherConfig
-    from .models import TEACHER_SPEC
+    from streamkd.config import TeacherConfig
+    from streamkd.learn.models import TEACHER_SPEC
 
     t = TeacherConfig()
     p = subparsers.add_parser("eval", help="accuracy/agreement of a snapshot (and the teacher) on a labelled set",
@@ -151,7 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _teacher(args: argparse.Namespace) -> tuple[nn.Module | None, str | None, str]:
     """(model, spec, note) for the teacher the arguments ask for; model None = not evaluated (note says why)."""
-    from .models import (
+    from streamkd.learn.models import (
         FILE_SUFFIXES,
         TEACHER_SPEC,
         build_model,
@@ -177,9 +177,9 @@ def _teacher(args: argparse.Namespace) -> tuple[nn.Module | None, str | None, st
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .datasets import DatasetNotFound
-    from .export import SnapshotError, load_student, resolve_version_dir
-    from .learner import resolve_device
+    from streamkd.commands.datasets import DatasetNotFound
+    from streamkd.serve.export import SnapshotError, load_student, resolve_version_dir
+    from streamkd.learn.learner import resolve_device
 
     def fail(msg: str) -> int:
         print(f"streamkd eval: {msg}", file=sys.stderr)
@@ -244,8 +244,8 @@ def _load_data(args: argparse.Namespace, spec: InputSpec, num_classes: int | Non
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(uint8 N×C×H×W images, int64 N labels, a description) for the set the arguments name. Folder and
     Kafka images are decoded like the daemon's records and sized for `spec` (the teacher's input)."""
-    from .datasets import load_fashion_mnist
-    from .eval_data import load_image_folder, load_kafka_topic, read_classes
+    from streamkd.commands.datasets import load_fashion_mnist
+    from streamkd.commands.eval_data import load_image_folder, load_kafka_topic, read_classes
 
     if args.folder is None and (args.classes is not None or args.classes_file is not None):
         raise ValueError("--classes/--classes-file go with --folder")

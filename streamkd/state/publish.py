@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_LEVEL_FILES, safe_name
+from streamkd.state.snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_LEVEL_FILES, safe_name
 
 __all__ = ["Uploader", "open_target"]
 

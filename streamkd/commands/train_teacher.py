@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .datasets import DatasetNotFound, load_fashion_mnist
-from .models import FMNIST_MEAN, FMNIST_STD, TEACHER_SPEC, WEIGHTS_DIR, build_model, file_sha256
+from streamkd.commands.datasets import DatasetNotFound, load_fashion_mnist
+from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, TEACHER_SPEC, WEIGHTS_DIR, build_model, file_sha256
 
 # Written into the current directory unless asked otherwise: the package's own weights (what
 # `teacher.weights` defaults to) are replaced only with --into-package.

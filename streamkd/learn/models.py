@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 TEACHER_SPEC = "streamkd:fmnist_cnn"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
 FILE_SUFFIXES = (".pt2", ".pt", ".ts")

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fsutil import fsync_dir, fsync_tree, remove_tree, sha256_file
-from .models import build_model, load_state_dict_file
-from .snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, safe_name
+from streamkd.state.fsutil import fsync_dir, fsync_tree, remove_tree, sha256_file
+from streamkd.learn.models import build_model, load_state_dict_file
+from streamkd.state.snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, safe_name
 
 __all__ = [
     "FORMATS",
@@ -360,7 +360,7 @@ class SnapshotExports:
 
     Called by ``SnapshotStore.publish(write_extras=...)`` once ``model.safetensors``
     is in the folder. The exports run in a child process (``python -m
-    streamkd.export --worker``) that rebuilds the student from that file and the
+    streamkd.serve.export --worker``) that rebuilds the student from that file and the
     manifest's ``student`` section, so torch.export/dynamo never run in the
     training process. The child runs at a lower CPU priority with `threads`
     threads. A format that fails or runs past `timeout_s` is logged and left
@@ -395,7 +395,7 @@ class SnapshotExports:
             elif any(p.name == FORMATS[f] or p.name.startswith(FORMATS[f] + ".") for f in self.formats
                      if f not in done):  # the file and its companions (model.onnx.data)
                 p.unlink(missing_ok=True)
-        from .triton import CONFIG_FILE, servable_format, write_model_config
+        from streamkd.serve.triton import CONFIG_FILE, servable_format, write_model_config
 
         fmt = servable_format(self.formats, [FORMATS[f] for f in done])
         if fmt is not None:
@@ -411,8 +411,8 @@ class SnapshotExports:
         package_root = str(Path(__file__).resolve().parent.parent)  # the child imports this same streamkd
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["OMP_NUM_THREADS"] = str(self.threads)
-        cmd = [sys.executable, "-m", "streamkd.export", "--worker", str(vdir), "--formats", ",".join(self.formats),
-               "--threads", str(self.threads)]
+        cmd = [sys.executable, "-m", "streamkd.serve.export", "--worker", str(vdir),
+               "--formats", ",".join(self.formats), "--threads", str(self.threads)]
         try:
             done = subprocess.run(cmd, input=json.dumps(self.student), capture_output=True, text=True, env=env,
                                   timeout=self.timeout_s, start_new_session=True, check=False)
@@ -452,9 +452,9 @@ _MAX_STUDENT_JSON = 1 << 20
 
 
 def _worker(argv: list[str]) -> int:
-    """``python -m streamkd.export --worker DIR --formats onnx,torchscript``: export DIR/model.safetensors
+    """``python -m streamkd.serve.export --worker DIR --formats onnx,torchscript``: export DIR/model.safetensors
     (the student described by the JSON on stdin) to each format in DIR; one JSON report per line on stdout."""
-    p = argparse.ArgumentParser(prog="python -m streamkd.export")
+    p = argparse.ArgumentParser(prog="python -m streamkd.serve.export")
     p.add_argument("--worker", type=Path, required=True, metavar="DIR")
     p.add_argument("--formats", required=True)
     p.add_argument("--threads", type=int, default=1)

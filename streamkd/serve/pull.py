@@ -34,15 +34,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from .fsutil import (
+from streamkd.state.fsutil import (
     atomic_publish_dir,
     atomic_write_bytes,
     fsync_dir,
     remove_tree,
     sha256_file,
 )
-from .export import SnapshotError, check_manifest_model_spec
-from .snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_LEVEL_FILES, safe_name
+from streamkd.serve.export import SnapshotError, check_manifest_model_spec
+from streamkd.state.snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_LEVEL_FILES, safe_name
 
 __all__ = ["MAX_FILE_BYTES", "TOKEN_ENV", "AuthError", "PullError", "TransientError", "pull_once", "register", "watch"]
 
@@ -548,7 +548,7 @@ def _pull_retrying(url: str, dest: Path, token: str | None, keep: int, deadline_
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .logs import setup_logging
+    from streamkd.logs import setup_logging
 
     if args.keep < 1:
         print(f"streamkd pull: --keep must be >= 1, got {args.keep}", file=sys.stderr)

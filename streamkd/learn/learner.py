@@ -17,10 +17,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .accel import native_bf16, optimize_for_inference
-from .loss import kd_loss
-from .preprocess import to_model_input
+from streamkd.config import TrainConfig
+from streamkd.learn.accel import native_bf16, optimize_for_inference
+from streamkd.learn.loss import kd_loss
+from streamkd.learn.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Labelled images for ``streamkd eval``: an ImageFolder-style directory or a labelled Kafka topic.
 
-Both are decoded exactly as the daemon decodes records (:func:`streamkd.decode.decode_record`, the same
+Both are decoded exactly as the daemon decodes records (:func:`streamkd.ingest.decode.decode_record`, the same
 byte and pixel limits) and resized to the teacher's input size and channels, as the batcher does. What
 cannot be decoded is skipped and counted, never fatal.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .decode import Decoded, Limits, decode_record
-from .preprocess import resize_uint8
+from streamkd.ingest.decode import Decoded, Limits, decode_record
+from streamkd.learn.preprocess import resize_uint8
 
 __all__ = ["LabelledSet", "load_image_folder", "load_kafka_topic", "read_classes"]
 

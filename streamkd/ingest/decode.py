@@ -45,7 +45,7 @@ class Rejected:
 
 REASONS = ("empty", "too_large", "too_many_pixels", "too_many_images",
            "unknown_format", "corrupt", "bad_shape", "bad_dtype", "bad_label",
-           "decoder_crash", "train_crash")  # the last two are set by the crash journals (quarantine.py)
+           "decoder_crash", "train_crash")  # the last two are set by the crash journals (journal.py)
 
 MAX_LABEL = 1_000_000  # exclusive; a class id beyond this is a producer bug, not a class
 NPY_MAX_HEADER = 4096  # np.save writes ~128 bytes for a plain uint8 array

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .metrics import Metrics
+from streamkd.metrics import Metrics
 
 
 class Health:

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .config import KafkaConfig
-from .source import RawRecord, client_config
+from streamkd.config import KafkaConfig
+from streamkd.ingest.source import RawRecord, client_config
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Triton's model repository layout is ``<repository>/<model>/config.pbtxt`` plus numeric version folders
 ``<repository>/<model>/<version>/model.onnx`` (or ``model.pt`` for TorchScript). A snapshot directory has
 exactly the version-folder part of that layout, so the snapshot directory (or the folder ``streamkd pull``
-writes) *is* the model folder: :class:`~streamkd.snapshot.SnapshotStore` keeps ``config.pbtxt`` beside
+writes) *is* the model folder: :class:`~streamkd.state.snapshot.SnapshotStore` keeps ``config.pbtxt`` beside
 ``LATEST``, and every version folder carries its own copy (listed in the manifest, so ``pull`` verifies it).
 
 The text is the protobuf text format of Triton's ``inference.ModelConfig``. ``name`` is left out: Triton
@@ -52,7 +52,7 @@ def model_config(
     full dims instead, and no dynamic batching. `max_queue_delay_us` is how long Triton may hold a
     request to batch it with others.
     """
-    from .export import SnapshotError, student_geometry
+    from streamkd.serve.export import SnapshotError, student_geometry
 
     if fmt not in PLATFORMS:
         raise ValueError(f"Invalid format {fmt!r} for Triton. Only {', '.join(PLATFORMS)} are supported.")

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .fsutil import (
+from streamkd.state.fsutil import (
     atomic_publish_dir,
     atomic_write_bytes,
     fsync_dir,
@@ -116,7 +116,7 @@ class SnapshotStore:
         self.keep = keep
         self.on_fallback = on_fallback
         self.on_published = on_published
-        self.uploader: Any = None  # a streamkd.publish.Uploader when built from a config with publish_to
+        self.uploader: Any = None  # a streamkd.state.publish.Uploader when built from a config with publish_to
         self.directory.mkdir(parents=True, exist_ok=True)
         self._publish_lock = threading.Lock()
         self._cache_lock = threading.Lock()
@@ -341,10 +341,10 @@ class SnapshotStore:
     @classmethod
     def from_config(cls, cfg: Any, on_fallback: Callable[[int, str], None] | None = None) -> "SnapshotStore":
         """A store for the `snapshot` config section: `dir`, `keep`, and with `publish_to` an
-        :class:`~streamkd.publish.Uploader` that copies every published version there in the background."""
+        :class:`~streamkd.state.publish.Uploader` that copies every published version there in the background."""
         store = cls(cfg.dir, keep=cfg.keep, on_fallback=on_fallback)
         if getattr(cfg, "publish_to", None):
-            from .publish import Uploader
+            from streamkd.state.publish import Uploader
 
             uploader = Uploader(cfg.publish_to, dict(cfg.publish_options), keep=cfg.keep,
                                 backoff_max_s=cfg.publish_backoff_max_s)

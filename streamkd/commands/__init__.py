@@ -1,0 +1,1 @@
+"""The command-line tools other than the daemon: demo, produce, eval, train-teacher, broker, status."""
