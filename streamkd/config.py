@@ -99,6 +99,14 @@ class TeacherConfig:
     # auto: bf16 where the hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX),
     # fp16 on CUDA GPUs without bf16, fp32 elsewhere. The teacher only infers, so no loss scaling is needed.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The teacher budget: the share of samples the teacher labels (1.0: all). The student scores every
+    # sample; the least certain ones go to the teacher, plus a random share that keeps the agreement
+    # estimate unbiased. "adaptive": a controller moves it between budget_floor and budget_ceiling.
+    budget: Union[float, Literal["adaptive"]] = 1.0
+    budget_floor: float = 0.1
+    budget_ceiling: float = 1.0
+    random_share: float = 0.1  # of every batch, labelled whatever the budget (the unbiased estimate)
+    target_agreement: float = 0.9  # adaptive: the budget rises while the random share agrees less than this
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,47 @@ class TrainConfig:
     agreement_window: int = 2000  # samples in the prequential window
     shutdown_grace_s: float = 30.0
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """Replay of teacher-labelled samples: each step trains on the fresh batch plus samples from a buffer."""
+
+    enabled: bool = True
+    capacity: int = 2000  # samples (uint8 image + fp16 teacher logits + label each)
+    max_bytes: int = 64 << 20  # the buffer never holds more than this, whatever the capacity
+    ratio: float = 1.0  # replayed samples per fresh sample in a step
+    recency_share: float = 0.25  # of the replayed samples, drawn from the most recent ones
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """An exponential moving average of the student's weights, published in snapshots."""
+
+    enabled: bool = True
+    decay: float = 0.99
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Gated publishing: a candidate snapshot becomes LATEST only if it scores as well as the last one
+    (within ``tolerance``) on a holdout of teacher-labelled samples that are never trained on."""
+
+    enabled: bool = True
+    holdout_share: float = 0.02  # of the stream, diverted into the holdout (not trained on)
+    holdout_capacity: int = 1000  # samples
+    tolerance: float = 0.01  # agreement (and accuracy) a candidate may lose against the published snapshot
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Drift detection on the random share's agreement and the student's confidence, and the reaction."""
+
+    enabled: bool = True
+    detector: Literal["adwin", "page_hinkley"] = "adwin"
+    lr_boost: float = 3.0  # learning-rate factor right after a drift, decaying back to 1
+    boost_steps: int = 200  # steps over which the boost decays
+    protect_samples: int = 20000  # replay keeps its older content for this many samples after a drift
 
 
 @dataclass(frozen=True)
@@ -183,6 +232,10 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -364,7 +417,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        for alternative in inner[:-1]:  # e.g. a number or "adaptive": the first type that takes the value
+            try:
+                return _coerce(alternative, value, key)
+            except ConfigError:
+                pass
+        return _coerce(inner[-1], value, key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(key, f"invalid value {_show(value, key)}. Valid: {', '.join(map(str, args))}")
@@ -466,6 +524,7 @@ def validate(cfg: Config) -> None:
     if t.device != "auto" and t.device != "cpu" and not (t.device == "cuda" or t.device.startswith("cuda:")):
         raise ConfigError("train.device", f"invalid value {t.device!r}. Valid: auto, cpu, cuda, cuda:N")
     _positive(cfg, "checkpoint", "every_steps", "every_seconds", "keep")
+    _validate_learning(cfg)
     token = cfg.metrics.snapshot_token
     if token is not None and (not token.strip() or token != token.strip()):
         raise ConfigError("metrics.snapshot_token", "must be non-empty, without leading or trailing whitespace")
@@ -478,6 +537,34 @@ def validate(cfg: Config) -> None:
                                                  f"file:///path, got {cfg.snapshot.publish_to!r}")
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError("metrics.port", f"must be in 0..65535 (0: any free port), got {cfg.metrics.port}")
+
+
+def _fraction(key: str, value: float, *, zero: bool = True) -> None:
+    if not ((0.0 <= value if zero else 0.0 < value) and value <= 1.0):
+        raise ConfigError(key, f"must be in {'[0' if zero else '(0'}, 1], got {value}")
+
+
+def _validate_learning(cfg: Config) -> None:
+    """Replay, EMA, gate, teacher budget and drift settings."""
+    _positive(cfg, "replay", "capacity", "max_bytes")
+    _positive(cfg, "replay", "ratio", allow_zero=True)
+    _fraction("replay.recency_share", cfg.replay.recency_share)
+    if not 0.0 < cfg.ema.decay < 1.0:
+        raise ConfigError("ema.decay", f"must be in (0, 1), got {cfg.ema.decay}")
+    _fraction("gate.holdout_share", cfg.gate.holdout_share)
+    _positive(cfg, "gate", "holdout_capacity")
+    _fraction("gate.tolerance", cfg.gate.tolerance)
+    t = cfg.teacher
+    if t.budget != "adaptive":
+        _fraction("teacher.budget", t.budget, zero=False)
+    _fraction("teacher.budget_floor", t.budget_floor, zero=False)
+    _fraction("teacher.budget_ceiling", t.budget_ceiling, zero=False)
+    if t.budget_floor > t.budget_ceiling:
+        raise ConfigError("teacher.budget_floor", f"must be <= teacher.budget_ceiling ({t.budget_ceiling}), "
+                                                  f"got {t.budget_floor}")
+    _fraction("teacher.random_share", t.random_share)
+    _fraction("teacher.target_agreement", t.target_agreement)
+    _positive(cfg, "drift", "lr_boost", "boost_steps", "protect_samples")
 
 
 def _check_kafka_extra(extra: Mapping[str, Any]) -> None:
