@@ -19,7 +19,9 @@ from streamkd.logs import setup_logging
 log = logging.getLogger("streamkd")
 
 # Modules that add a subcommand with `register(subparsers)` (imported lazily: torch is slow to import).
-COMMANDS = ("broker", "produce", "demo", "evaluate", "export", "pull", "status", "train_teacher")
+COMMANDS = ("streamkd.commands.broker", "streamkd.commands.produce", "streamkd.commands.demo",
+            "streamkd.commands.evaluate", "streamkd.serve.export", "streamkd.serve.pull", "streamkd.commands.status",
+            "streamkd.commands.force_publish", "streamkd.commands.train_teacher")
 
 
 class UsageError(Exception):
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"streamkd.{name}")
+            module = importlib.import_module(name)
         except ImportError as e:  # a command whose optional dependency is missing still shows up in --help
             log.debug("command module %s unavailable: %s", name, e)
             continue

@@ -32,6 +32,8 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamkd.learn.accounting import Progress, Reporter, StepAccounting
+from streamkd.learn.labeller import Labelled, Labeller, TeacherBudget
+from streamkd.learn.trainer import Trainer
 from streamkd.ingest.batcher import Batch
 from streamkd.state.checkpoint import CheckpointStore
 from streamkd.config import Config
@@ -47,16 +49,6 @@ from streamkd.serve.server import HttpServer
 from streamkd.state.snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Labelled:
-    """A batch with the teacher's answer: what the training stage consumes."""
-
-    images: torch.Tensor  # uint8 N×C×H×W on the training device
-    teacher_logits: torch.Tensor  # float32 N×K
-    labels: torch.Tensor  # int64 N, -1 where the record carried no label
-    batch: Batch  # the offsets it covers
 
 
 @dataclass
@@ -76,6 +68,8 @@ class Parts:
     intake: KafkaIntake
     accounting: StepAccounting
     persistence: Persistence
+    labeller: Labeller
+    trainer: Trainer
     health: Health
     server: HttpServer
 
@@ -126,17 +120,23 @@ def build(cfg: Config, registry: CollectorRegistry | None = None, *, intake: Kaf
     log.info("teacher %s (%d classes, %s, %s), student %s (%s) on %s", t.model, num_classes,
              f"weights sha256 {sha[:12]}" if sha else "random init", precision_name(teacher_amp), s.model,
              precision_name(amp), device)
+    budget = TeacherBudget(t.budget, t.budget_floor, t.budget_ceiling, t.random_share, t.target_agreement,
+                           cfg.train.seed)
+    labeller = Labeller(teacher, budget, learner.predict)
+    trainer = Trainer(cfg, learner, budget, metrics)
     intake = intake if intake is not None else KafkaIntake(cfg, metrics, device, num_classes)
     accounting = StepAccounting(Progress(), metrics, cfg.train.agreement_window, device, on_done=intake.end_step)
     persistence = Persistence(cfg, learner, checkpoints, snapshots, metrics, teacher_sha256=sha,
                               manifest=functools.partial(manifest, cfg, num_classes, teacher_info),
-                              extras=lambda student: snapshot_extras(student, cfg.snapshot))  # in a child process
+                              extras=lambda student: snapshot_extras(student, cfg.snapshot),  # in a child process
+                              trainer=trainer)
     health = Health(metrics, lambda: intake.ready)
     server = HttpServer(cfg.metrics.host, cfg.metrics.port, registry, healthy=health.alive, ready=health.ready,
                         snapshots=snapshots, token=cfg.metrics.snapshot_token,
-                        max_connections=cfg.metrics.max_connections, request_timeout_s=cfg.metrics.request_timeout_s)
+                        max_connections=cfg.metrics.max_connections, request_timeout_s=cfg.metrics.request_timeout_s,
+                        force_publish=persistence.force_publish)
     return Parts(cfg, device, teacher, learner, teacher_info, num_classes, checkpoints, snapshots, metrics, registry,
-                 intake, accounting, persistence, health, server)
+                 intake, accounting, persistence, labeller, trainer, health, server)
 
 
 def _fallback(metrics: Metrics, what: str, where, why: str) -> None:
@@ -187,13 +187,13 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                 t1 = time.perf_counter()
                 labelled = label(parts, batch)
                 t2 = time.perf_counter()
-                # 5. Student: score first (prequential), then learn. Returns device stats, no sync.
-                stats = parts.learner.step(labelled.images, labelled.teacher_logits, labelled.labels)
+                # 5. Student: score first (prequential), then learn (with replay, EMA). Device stats, no sync.
+                stats = parts.trainer.step(labelled)
                 # Timings are launch times on CUDA (asynchronous); exact on CPU.
                 metrics.teacher_seconds.observe(t2 - t1)
                 metrics.step_seconds.observe(time.perf_counter() - t2)
                 # 6. Totals and windows (on CUDA from the previous step: the GPU queue stays full).
-                accounting.add(stats, token)
+                accounting.add(stats, token, held_out=parts.trainer.held_out)
                 if prog.consecutive_skips >= cfg.train.max_consecutive_skips:
                     accounting.drain()
                     persistence.rollback(prog, f"{prog.consecutive_skips} consecutive non-finite updates")
@@ -219,13 +219,13 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
 
 
 def label(parts: Parts, batch: Batch) -> Labelled:
-    """The labelling stage: the batch on the device, and the teacher's logits for it."""
+    """The labelling stage: the batch on the device, and the teacher's logits for it (within the budget)."""
     if batch.ready is not None:  # decoded on the GPU on a side stream: order after it
         torch.cuda.current_stream(parts.device).wait_event(batch.ready)
         batch.images.record_stream(torch.cuda.current_stream(parts.device))
     x = batch.images.to(parts.device, non_blocking=True)
     y = batch.labels.to(parts.device, non_blocking=True)
-    return Labelled(images=x, teacher_logits=parts.teacher(x), labels=y, batch=batch)
+    return parts.labeller(x, y, batch)
 
 
 def _start(parts: Parts, prog: Progress) -> None:

@@ -90,6 +90,24 @@ class Metrics:
         self.samples_skipped.labels("nonfinite_teacher")
         for op in ("connect", "consumer", "metadata", "poll", "probe", "offset_reset", "commit", "dlq"):
             self.kafka_errors.labels(op)
+        # Learning: the teacher budget, replay, the publishing gate, drift.
+        self.teacher_calls = Counter("streamkd_teacher_calls", "Samples the teacher labelled.", **r)
+        self.teacher_budget = Gauge(
+            "streamkd_teacher_budget_ratio", "Share of samples sent to the teacher (teacher.budget, or the "
+            "adaptive controller's current value).", **r)
+        self.random_agreement_ratio = Gauge(
+            "streamkd_random_agreement_ratio",
+            "Student/teacher top-1 agreement on the last batch's random share (an unbiased estimate at any "
+            "budget).", **r)
+        self.replayed_samples = Counter("streamkd_replayed_samples", "Replayed samples trained on.", **r)
+        self.replay_samples = Gauge("streamkd_replay_buffer_samples", "Samples in the replay buffer.", **r)
+        self.replay_bytes = Gauge("streamkd_replay_buffer_bytes", "Bytes held by the replay buffer.", **r)
+        self.gate_rejections = Counter(
+            "streamkd_snapshot_gate_rejections",
+            "Candidate snapshots not published because they scored worse than the published one on the "
+            "holdout.", **r)
+        self.drift_detected = Counter("streamkd_drift_detected", "Drifts detected in the stream.", **r)
+
         # What a fresh registry lacks but the default one has: process RSS/CPU/file descriptors
         # (process_*), the interpreter (python_info) and garbage collections (python_gc_*). The default
         # registry has them already (registering them twice raises).
@@ -117,6 +135,20 @@ class Metrics:
     def skipped_samples(self, reason: str, n: int) -> None:
         if n:
             self.samples_skipped.labels(reason).inc(n)
+
+    def teacher_called(self, samples: int, budget: float) -> None:
+        self.teacher_calls.inc(samples)
+        self.teacher_budget.set(budget)
+
+    def random_agreement(self, ratio: float) -> None:
+        self.random_agreement_ratio.set(ratio)
+
+    def replayed(self, samples: int) -> None:
+        self.replayed_samples.inc(samples)
+
+    def replay_buffer(self, samples: int, nbytes: int) -> None:
+        self.replay_samples.set(samples)
+        self.replay_bytes.set(nbytes)
 
     def dead_letters_pending(self, n: int) -> None:
         self.dlq_pending.set(n)

@@ -76,10 +76,14 @@ def batches(n: int, start: int = 0, labels: bool = True) -> list[Batch]:
     return out
 
 
-def config(tmp_path, *extra: str):
+PLAIN = ("replay.enabled=false", "ema.enabled=false", "gate.enabled=false", "drift.enabled=false")
+
+
+def config(tmp_path, *extra: str, plain: bool = True):
+    """Frequent cadences off; the plain online KD step unless ``plain=False`` (replay, EMA, gate, drift on)."""
     return load_config(None, [f"checkpoint.dir={tmp_path}/ck", f"snapshot.dir={tmp_path}/sn", "metrics.port=0",
                               "train.device=cpu", f"train.batch_size={BATCH}", "checkpoint.every_seconds=3600",
-                              "snapshot.every_seconds=3600", *extra], env={})
+                              "snapshot.every_seconds=3600", *(PLAIN if plain else ()), *extra], env={})
 
 
 def run(parts, n_records: int):
@@ -123,7 +127,7 @@ def test_consecutive_non_finite_updates_roll_back_to_the_last_checkpoint(tmp_pat
         out = teacher(x)
         return torch.full_like(out, float("nan")) if 5 <= calls["n"] <= 7 else out  # batches 5, 6, 7: no usable target
 
-    parts.teacher = flaky_teacher
+    parts.labeller.teacher = flaky_teacher
     saved: dict[str, torch.Tensor] = {}
     real_save = parts.checkpoints.save
 
@@ -152,11 +156,11 @@ def test_prequential_windows_score_before_learning(tmp_path):
     seen = []  # (agreeing, correct) of the weights *before* each batch's update
     real_step = parts.learner.step
 
-    def step(images, t_logits, labels):
+    def step(images, t_logits, labels, fresh=None):
         with torch.no_grad():
             pred = student(parts.learner.spec(images)).argmax(1)
         seen.append(((pred == t_logits.argmax(1)).sum().item(), (pred == labels).sum().item()))
-        return real_step(images, t_logits, labels)
+        return real_step(images, t_logits, labels, fresh=fresh)
 
     parts.learner.step = step
     prog = run(parts, 4 * BATCH)

@@ -19,6 +19,9 @@ from streamkd.ingest.decode import Decoded, Limits, decode_record
 
 pytestmark = [pytest.mark.kafka]
 
+# The straight loop below is the plain online KD step: no replay, EMA, holdout or drift reaction.
+PLAIN = ["replay.enabled=false", "ema.enabled=false", "gate.enabled=false", "drift.enabled=false"]
+
 
 @pytest.mark.parametrize("batch, workers", [(16, 1), (32, 3)])
 def test_daemon_matches_straight_loop(broker, tmp_path, batch, workers):
@@ -32,7 +35,8 @@ def test_daemon_matches_straight_loop(broker, tmp_path, batch, workers):
     overrides = [f"kafka.bootstrap_servers={broker.bootstrap}", f"kafka.topic={topic}", "metrics.port=0",
                  f"checkpoint.dir={tmp_path}/ck", f"snapshot.dir={tmp_path}/sn", "train.device=cpu",
                  f"train.batch_size={batch}", "input.max_wait_ms=60000", f"input.decode_workers={workers}",
-                 "kafka.max_poll_records=7"]  # small polls: batches must not depend on poll boundaries
+                 "kafka.max_poll_records=7",  # small polls: batches must not depend on poll boundaries
+                 *PLAIN]
     cfg = load_config(None, overrides, env={})
     parts = daemon.build(cfg)
     prog = daemon.run(parts, threading.Event(), stop_when=lambda p: p.records_done >= n)
@@ -79,7 +83,8 @@ def test_compiled_daemon_warms_up_before_reading_and_matches_the_straight_loop(b
         port = s.getsockname()[1]
     overrides = [f"kafka.bootstrap_servers={broker.bootstrap}", f"kafka.topic={topic}", f"metrics.port={port}",
                  "metrics.host=127.0.0.1", f"checkpoint.dir={tmp_path}/ck", f"snapshot.dir={tmp_path}/sn",
-                 "train.device=cpu", f"train.batch_size={batch}", "input.max_wait_ms=60000", "train.compile=true"]
+                 "train.device=cpu", f"train.batch_size={batch}", "input.max_wait_ms=60000", *PLAIN,
+                 "train.compile=true"]
     cfg = load_config(None, overrides, env={})
     parts = daemon.build(cfg)
 

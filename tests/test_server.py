@@ -316,3 +316,32 @@ def test_request_time_is_bounded_even_for_a_client_dripping_headers(store, caplo
         assert request(srv, "/healthz")[0] == 200  # the server itself is fine
     finally:
         srv.stop()
+
+
+def test_force_publish_needs_the_token_and_calls_the_daemon(store: SnapshotStore) -> None:
+    from streamkd.commands.force_publish import force_publish
+
+    calls: list[int] = []
+    server = HttpServer("127.0.0.1", 0, CollectorRegistry(), healthy=lambda: True, ready=lambda: True,
+                        snapshots=store, token="s3cret", force_publish=lambda: calls.append(1))
+    open_server = HttpServer("127.0.0.1", 0, CollectorRegistry(), healthy=lambda: True, ready=lambda: True,
+                             snapshots=store, force_publish=lambda: calls.append(1))
+    server.start()
+    open_server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            force_publish(url, "wrong")
+        assert e.value.code == 401 and calls == []
+        assert "whatever the gate says" in force_publish(url, "s3cret")
+        assert calls == [1]
+        with pytest.raises(urllib.error.HTTPError) as e:  # no token configured: nobody may force a snapshot
+            force_publish(f"http://127.0.0.1:{open_server.port}", "anything")
+        assert e.value.code == 403 and calls == [1]
+        req = urllib.request.Request(url + "/v1/snapshots/latest", data=b"", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:  # POST anywhere else is still not allowed
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 405
+    finally:
+        server.stop()
+        open_server.stop()

@@ -29,7 +29,7 @@ class Progress:
     """Host-side running totals of the lineage (what checkpoints and manifests report)."""
 
     step: int = 0  # optimizer steps taken (skipped updates do not count)
-    samples_seen: int = 0  # samples trained into this lineage
+    samples_seen: int = 0  # samples of this lineage: trained into the student, or held out to score snapshots
     records_done: int = 0  # records consumed this run, rejected ones included
     rejected: int = 0
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset (lineage)
@@ -82,8 +82,15 @@ class StepAccounting:
         self.on_done = on_done
         self._lagged: tuple[torch.Tensor, torch.cuda.Event, object] | None = None
 
-    def add(self, stats: torch.Tensor, token: object = None) -> None:
-        """Account one step; on CUDA the previous step's stats are read now and this one's later."""
+    def add(self, stats: torch.Tensor | None, token: object = None, held_out: int = 0) -> None:
+        """Account one step; on CUDA the previous step's stats are read now and this one's later.
+        ``stats`` None: nothing was trained (every sample went to the holdout or past the teacher budget).
+        ``held_out``: samples of the batch that went to the holdout (in the lineage, never trained on)."""
+        self.prog.samples_seen += held_out
+        if stats is None:
+            if self.on_done is not None:
+                self.on_done(token)
+            return
         if self.device.type != "cuda":
             self._absorb(stats, token)
             return

@@ -121,14 +121,23 @@ class Learner:
         self.optimizer = make_optimizer(self.student.parameters(), cfg)
         self.fused = bool(self.optimizer.defaults.get("fused"))
         warmup = cfg.warmup_steps
+        self.lr_scale = 1.0  # a temporary factor on the learning rate (after a drift); applies from the next step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+            self.optimizer, lambda s: (min(1.0, (s + 1) / warmup) if warmup else 1.0) * self.lr_scale)
+        # The fresh rows' predictions and confidence (max softmax) before the last update, on the device.
+        self.last_pred: torch.Tensor | None = None
+        self.last_confidence: torch.Tensor | None = None
 
-    def step(self, images: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def step(self, images: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             fresh: int | None = None) -> torch.Tensor:
         """One prequential update. images uint8 N×C×H×W, teacher_logits float N×K, labels int64 N (-1: none).
 
-        Returns the stats vector (float32, device; layout ``STATS``). No host sync.
+        The first ``fresh`` rows (default: all) are new to the lineage; the rest are replayed. All rows
+        train; only fresh rows are scored and counted (``n``, ``agree``, ``correct``...), so the prequential
+        figures and ``samples_seen`` describe the stream. Returns the stats vector (float32, device;
+        layout ``STATS``). No host sync.
         """
+        fresh = images.shape[0] if fresh is None else fresh
         x = self.spec(images)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -139,9 +148,12 @@ class Learner:
         logits = logits.float()
         # Prequential score: these logits come from the weights *before* this batch's update.
         pred = logits.detach().argmax(1)
-        agree = ((pred == teacher_logits.argmax(1)) & finite).sum()
-        has_label = labels >= 0
+        new = torch.arange(finite.numel(), device=finite.device) < fresh
+        agree = ((pred == teacher_logits.argmax(1)) & finite & new).sum()
+        has_label = (labels >= 0) & new
         correct = ((pred == labels) & has_label).sum()
+        self.last_pred = pred[:fresh]
+        self.last_confidence = logits.detach()[:fresh].softmax(1).amax(1)
         safe_t = torch.where(finite[:, None], teacher_logits, logits.detach())  # KL 0 on dropped rows
         safe_y = torch.where(finite, labels, torch.full_like(labels, -1))
         out = kd_loss(logits, safe_t, safe_y, self.cfg.temperature, self.cfg.alpha, form=self.cfg.loss)
@@ -165,10 +177,23 @@ class Learner:
             self.optimizer.step()
         self.scheduler.step()
         return torch.stack([
-            torch.full((), float(finite.numel()), device=self.device), n_finite.float(),  # a fill, not a copy
+            torch.full((), float(fresh), device=self.device), (finite & new).sum().float(),  # a fill, not a copy
             loss.detach().float(), out.kd.detach().float() * scale, out.ce.detach().float(), agree.float(),
             has_label.sum().float(), correct.float(), bad,
         ])
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's logits (float32 N×K) for uint8 images, without learning: eval mode, no gradients."""
+        x = self.spec(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.student.eval()
+        try:
+            with _autocast(self.device, self.amp):
+                return self.forward(x).float()
+        finally:
+            self.student.train()
 
     def warmup(self, images: torch.Tensor) -> None:
         """Forward + backward on ``images`` (uint8, the batch shape the loop will see) so compilation and

@@ -107,6 +107,22 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._handle(head=True)
 
+    def do_POST(self) -> None:
+        """``POST /v1/snapshots/publish``: publish a snapshot now, past the gate. Needs the snapshot token:
+        without one configured, nobody may force a snapshot out."""
+        self._sent = False
+        self.close_connection = True  # any request body is left unread
+        app = self.server.app
+        if urlsplit(self.path).path != "/v1/snapshots/publish" or app.force_publish is None:
+            return self._method_not_allowed()
+        if app._token is None:
+            return self._text(403, "forcing a snapshot needs metrics.snapshot_token to be set\n", head=False)
+        if not app.authorized(self.headers.get("Authorization")):
+            return self._text(401, "unauthorized\n", False, {"WWW-Authenticate": 'Bearer realm="streamkd"'})
+        app.force_publish()
+        app.logger.warning("an operator forced the next snapshot past the publishing gate")
+        self._text(202, "a snapshot will be published at the next step, whatever the gate says\n", head=False)
+
     def log_message(self, format: str, *args) -> None:
         # The request line carries no secrets (the token travels in a header).
         self.server.app.logger.debug("%s " + format, self.address_string(), *args)
@@ -324,6 +340,7 @@ class HttpServer:
         logger: logging.Logger | None = None,
         max_connections: int = 64,
         request_timeout_s: float = 300.0,
+        force_publish: Callable[[], None] | None = None,
     ) -> None:
         if token is not None and not token.strip():
             raise ValueError("token must be None (no authentication) or a non-empty string")
@@ -334,6 +351,7 @@ class HttpServer:
         self.registry = registry
         self.healthy, self.ready = healthy, ready
         self.snapshots = snapshots
+        self.force_publish = force_publish  # POST /v1/snapshots/publish: the next snapshot skips the gate
         self._token = token.encode() if token is not None else None
         self.logger = logger or logging.getLogger(__name__)
         self.max_connections, self.request_timeout_s = max_connections, request_timeout_s

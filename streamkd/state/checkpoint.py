@@ -56,6 +56,9 @@ class TrainState:
     student: dict[str, torch.Tensor]  # state_dict, CPU tensors
     optimizer: dict  # optimizer.state_dict() with CPU tensors
     extra: dict = field(default_factory=dict)  # JSON-able: config_sha256, teacher sha256, scheduler step, ...
+    # What else the lineage learns with, as tensors and plain values (loads with weights_only=True):
+    # the replay buffer, the EMA weights, the holdout, the budget controller, the learning-rate boost.
+    learning: dict = field(default_factory=dict)
 
 
 def is_finite_state(student: dict[str, torch.Tensor]) -> bool:
@@ -180,7 +183,7 @@ class CheckpointStore:
         }
         json.dumps(meta)
         buf = io.BytesIO()
-        torch.save({"student": state.student, "optimizer": state.optimizer}, buf)
+        torch.save({"student": state.student, "optimizer": state.optimizer, "learning": state.learning}, buf)
         data = buf.getbuffer()
         meta["sha256"] = hashlib.sha256(data).hexdigest()
         meta["size"] = len(data)
@@ -257,6 +260,9 @@ class CheckpointStore:
         student = blob["student"]
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in student.items()):
             raise CheckpointError("state.pt: student is not a str -> Tensor state_dict")
+        learning = blob.get("learning", {})  # absent in checkpoints written before replay/EMA existed
+        if not isinstance(learning, dict):
+            raise CheckpointError("state.pt: learning is not a dict")
         return TrainState(
             step=meta["step"],
             samples_seen=meta["samples_seen"],
@@ -264,6 +270,7 @@ class CheckpointStore:
             student=student,
             optimizer=blob["optimizer"],
             extra=extra,
+            learning=learning,
         )
 
     def load_latest(self) -> TrainState | None:

@@ -17,13 +17,15 @@ from datetime import datetime
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
 
 from streamkd.learn.accounting import Progress
 from streamkd.state.checkpoint import CheckpointStore, TrainState, is_finite_state
 from streamkd.config import Config
 from streamkd.learn.learner import Learner
+from streamkd.learn.trainer import Trainer
 from streamkd.metrics import Metrics
-from streamkd.state.snapshot import NonFiniteWeights, SnapshotStore
+from streamkd.state.snapshot import MODEL_FILE, NonFiniteWeights, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +35,16 @@ class Persistence:
 
     def __init__(self, cfg: Config, learner: Learner, checkpoints: CheckpointStore, snapshots: SnapshotStore,
                  metrics: Metrics, manifest: Callable[[Progress], dict], teacher_sha256: str | None,
-                 extras: Callable[[dict], Any] | None = None):
+                 extras: Callable[[dict], Any] | None = None, trainer: Trainer | None = None):
         self.cfg, self.learner, self.metrics = cfg, learner, metrics
         self.lineage = {"config_sha256": cfg.sha256(), "teacher_sha256": teacher_sha256}  # in every checkpoint
         self.checkpoints, self.snapshots = checkpoints, snapshots
         self.manifest = manifest  # Progress -> the manifest body of a snapshot taken now
         self.extras = extras  # manifest["student"] -> the serving formats' writer (publish's write_extras)
+        self.trainer = trainer  # replay, EMA, holdout and drift state (checkpointed); the publishing gate
+        self.force_requested = False  # an operator asked for a snapshot now, past the gate
         self.commit: Callable[[dict[int, int]], None] = lambda offsets: None  # set to the intake's commit
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self._writer: ThreadPoolExecutor | None = None  # started on the first write, stopped by close()
         self._ckpt: Future | None = None
         self._snap: Future | None = None
         self._initial: tuple[dict, dict] | None = None  # rollback target before the first checkpoint
@@ -57,6 +61,8 @@ class Persistence:
             prog.step, prog.samples_seen = state.step, state.samples_seen
             prog.offsets = dict(state.offsets.get(self.cfg.kafka.topic, {}))
             self.metrics.checkpoint_restored(self.checkpoints.list()[0].stat().st_mtime)
+            if self.trainer is not None:
+                self.trainer.load_state_dict(state.learning)
             log.info("resumed from checkpoint step %d (%d samples); offsets %s", prog.step, prog.samples_seen,
                      prog.offsets)
         else:
@@ -67,11 +73,17 @@ class Persistence:
         if latest:  # restore the gauges (not the counter: nothing was published by this process yet)
             self.metrics.last_snapshot_version.set(latest["version"])
             self.metrics.last_snapshot_ts.set(_rfc3339_to_unix(latest.get("created_at")))
+            if self.trainer is not None:  # the gate compares new candidates with what LATEST serves
+                self.trainer.published(self._latest_weights(latest["version"]))
 
     # -- cadence -------------------------------------------------------------------------------
     def due(self, prog: Progress, now: float) -> bool:
         """True when a checkpoint or a snapshot is due (the caller then reads the step in flight and saves)."""
         return self._ckpt_due(prog, now) or self._snap_due(prog, now)
+
+    def force_publish(self) -> None:
+        """Publish a snapshot at the next turn of the loop, whatever the gate says (an operator's call)."""
+        self.force_requested = True
 
     def save_due(self, prog: Progress, now: float) -> None:
         if self._ckpt_due(prog, now):
@@ -88,6 +100,8 @@ class Persistence:
 
     def _snap_due(self, prog: Progress, now: float) -> bool:
         s = self.cfg.snapshot
+        if self.force_requested and not prog.mid_record:
+            return True
         return prog.step - self.snap_step >= s.every_steps or (now - self.snap_t >= s.every_seconds
                                                                 and prog.step > self.snap_step)
 
@@ -104,8 +118,9 @@ class Persistence:
             return
         st = TrainState(step=prog.step, samples_seen=prog.samples_seen,
                         offsets={self.cfg.kafka.topic: dict(prog.offsets)}, student=weights, optimizer=opt,
-                        extra=dict(self.lineage))
-        self._ckpt = self.metrics.watch_write(self.writer.submit(self._write_checkpoint, st), "checkpoint")
+                        extra=dict(self.lineage),
+                        learning=self.trainer.state_dict() if self.trainer is not None else {})
+        self._ckpt = self.metrics.watch_write(self._submit(self._write_checkpoint, st), "checkpoint")
         self._ckpt_covers = (prog.step, dict(prog.offsets))
         if sync:
             self._wait("_ckpt", "checkpoint")
@@ -117,10 +132,21 @@ class Persistence:
 
     def snapshot(self, prog: Progress, sync: bool) -> None:
         self._wait("_snap", "snapshot")
-        weights = self.learner.weights()  # the optimizer state stays on the device: a snapshot does not keep it
-        manifest = self.manifest(prog)
         self.snap_step, self.snap_t = prog.step, time.monotonic()
-        self._snap = self.metrics.watch_write(self.writer.submit(self._publish, weights, manifest),
+        manifest = self.manifest(prog)
+        if self.trainer is None:
+            weights = self.learner.weights()  # the optimizer state stays on the device: a snapshot does not keep it
+        else:
+            if self.force_requested:
+                self.force_requested, self.trainer.force_next = False, True
+            cand = self.trainer.candidate()
+            if not cand.accepted:
+                return  # counted and logged by the gate; LATEST keeps serving the last published snapshot
+            weights = cand.weights
+            manifest.update(self.trainer.manifest(), weights=cand.which, holdout=cand.score,
+                            gate_decision={"reason": cand.reason, "published": cand.published_score})
+            self.trainer.published(weights)
+        self._snap = self.metrics.watch_write(self._submit(self._publish, weights, manifest),
                                               "snapshot")
         if sync:
             self._wait("_snap", "snapshot")
@@ -135,6 +161,20 @@ class Persistence:
         self.metrics.snapshot_published(m["version"])
         log.info("published snapshot %d (step %d, %d samples)", m["version"], manifest["step"],
                  manifest["samples_seen"])
+
+    def _submit(self, fn: Callable, *args: Any) -> Future:
+        """Run ``fn`` on the one background writer thread (writes happen in the order they are asked for)."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        return self._writer.submit(fn, *args)
+
+    def _latest_weights(self, version: int) -> dict[str, torch.Tensor] | None:
+        path = self.snapshots.file_path(version, MODEL_FILE)
+        try:
+            return load_file(str(path)) if path is not None else None
+        except (OSError, ValueError) as e:  # a damaged file: the gate then starts from the next snapshot
+            log.warning("snapshot %d weights unreadable (%s); the gate has no reference yet", version, e)
+            return None
 
     def _wait(self, attr: str, what: str) -> None:
         """Wait for a background write; a failed write is logged (the previous state stays intact)."""
@@ -155,6 +195,8 @@ class Persistence:
         dropped_from = st.offsets.get(self.cfg.kafka.topic, {}) if st else {}
         if st is not None:
             self.learner.load_state(st.student, st.optimizer)
+            if self.trainer is not None:
+                self.trainer.load_state_dict(st.learning)
             prog.step, prog.samples_seen = st.step, st.samples_seen
         elif self._initial is not None:
             self.learner.load_state(*self._initial)
@@ -182,7 +224,9 @@ class Persistence:
                 self.snapshot(prog, sync=True)
             self._wait("_snap", "snapshot")
         finally:
-            self.writer.shutdown(wait=True)
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
             self.snapshots.close()  # waits (bounded) for an upload to object storage in flight
 
 

@@ -1,0 +1,208 @@
+"""The training stage: what each step trains on, the weights a snapshot serves, and the reaction to drift.
+
+One :meth:`Trainer.step` per labelled batch:
+
+1. a small share of the fresh samples goes to the holdout (never trained on; it scores snapshots);
+2. the rest, plus replayed samples from the buffer (``replay.ratio`` per sample of a full batch, so that
+   steps stay useful when the teacher budget leaves few fresh samples), make the step's batch; only fresh
+   rows count for the prequential figures and ``samples_seen``;
+3. the EMA of the student is updated;
+4. the fresh samples enter the replay buffer;
+5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
+   budget goes to its ceiling, the learning rate is raised for a while, and the replay buffer keeps its
+   older content.
+
+Every piece can be switched off (``replay.enabled``, ``ema.enabled``, ``gate.enabled``, ``drift.enabled``);
+with all off this is the plain online KD step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from streamkd.config import Config
+from streamkd.learn.drift import DriftMonitor, LrBoost
+from streamkd.learn.ema import Ema, unwrap
+from streamkd.learn.gate import Gate, Holdout
+from streamkd.learn.labeller import Labelled, TeacherBudget
+from streamkd.learn.learner import Learner
+from streamkd.learn.replay import ReplayBuffer
+from streamkd.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """A snapshot the gate has looked at."""
+
+    weights: dict[str, torch.Tensor]  # CPU copies: the EMA's when enabled, else the student's
+    which: str  # "ema" | "student"
+    accepted: bool
+    reason: str
+    score: dict | None  # the candidate on the holdout
+    published_score: dict | None  # the last published snapshot on the same holdout
+
+
+class Trainer:
+    def __init__(self, cfg: Config, learner: Learner, budget: TeacherBudget, metrics: Metrics):
+        self.cfg, self.learner, self.budget, self.metrics = cfg, learner, budget, metrics
+        seed = cfg.train.seed
+        r, g, d = cfg.replay, cfg.gate, cfg.drift
+        self.replay = ReplayBuffer(r.capacity, r.max_bytes, r.recency_share, seed) if r.enabled else None
+        self.ema = Ema(learner.student, cfg.ema.decay) if cfg.ema.enabled else None
+        self.holdout = Holdout(g.holdout_capacity, g.holdout_share, seed) if g.enabled else None
+        self.gate = Gate(g.tolerance)
+        self.drift = DriftMonitor(d.detector) if d.enabled else None
+        self.boost = LrBoost(d.lr_boost, d.boost_steps)
+        self.drifts = 0
+        self.last_drift: dict | None = None
+        self.rejections = 0
+        self.last_rejection: dict | None = None
+        self.held_out = 0  # samples of the last batch that went to the holdout instead of training
+        self.force_next = False  # an operator asked to publish the next snapshot whatever the gate says
+        self._published: dict[str, torch.Tensor] | None = None  # the weights LATEST serves (gate reference)
+        self._scratch: torch.nn.Module | None = None  # a model to score published weights with
+
+    # -- one step ----------------------------------------------------------------------------------
+    def step(self, lab: Labelled) -> torch.Tensor | None:
+        """Train on a labelled batch; returns the learner's stats (device), or None if nothing was trained."""
+        self.metrics.teacher_called(int(lab.images.shape[0]), self.budget.value)
+        x, t, y, random = lab.images, lab.teacher_logits, lab.labels, lab.random
+        self.held_out = 0
+        if self.holdout is not None and x.shape[0]:
+            keep = self.holdout.offer(x, t, y)
+            self.held_out = int((~keep).sum())
+            keep = keep.to(x.device)
+            x, t, y, random = x[keep], t[keep], y[keep], random[keep]
+        fresh = int(x.shape[0])
+        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size)) \
+            if self.replay is not None else None
+        if replayed is not None:
+            rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
+            xs, ts, ys = torch.cat([x, rx]), torch.cat([t, rt.to(t.dtype)]), torch.cat([y, ry])
+            self.metrics.replayed(int(rx.shape[0]))
+        elif fresh:
+            xs, ts, ys = x, t, y
+        else:
+            return None
+        stats = self.learner.step(xs, ts, ys, fresh=fresh)
+        if self.ema is not None:
+            self.ema.update(self.learner.student)
+        if self.replay is not None and fresh:
+            self.replay.add(x, t, y)
+            self.metrics.replay_buffer(len(self.replay), self.replay.nbytes)
+        self._watch(lab, t, random, fresh)
+        self.learner.lr_scale = self.boost.step()
+        return stats
+
+    def _watch(self, lab: Labelled, t: torch.Tensor, random: torch.Tensor, fresh: int) -> None:
+        """Random-share agreement -> budget controller and drift monitor (a host read of a few values)."""
+        if not fresh:
+            return
+        agree = (self.learner.last_pred == t.argmax(1))[random].float().cpu()
+        random_agreement = float(agree.mean()) if agree.numel() else None
+        if random_agreement is not None:
+            self.metrics.random_agreement(random_agreement)
+        event = None
+        if self.drift is not None:
+            confidence = lab.confidence if lab.confidence is not None else self.learner.last_confidence
+            event = self.drift.update(agree.tolist(), confidence.float().cpu().tolist())
+        self.budget.update(random_agreement, drift=event is not None)
+        if event is not None:
+            self.on_drift(event.as_dict())
+
+    def on_drift(self, event: dict) -> None:
+        self.drifts += 1
+        self.last_drift = {**event, "at": time.time(), "budget_after": self.budget.value}
+        self.boost.trigger()
+        if self.replay is not None:
+            self.replay.protect(self.cfg.drift.protect_samples)
+        self.metrics.drift_detected.inc()
+        log.warning("drift detected on %s after %d samples: mean %.3f -> %.3f; budget %.2f, lr x%.1f, replay "
+                    "keeps its older content", event.get("signal"), event.get("samples_seen", 0),
+                    event.get("mean_before") or float("nan"), event.get("mean_after") or float("nan"),
+                    self.budget.value, self.boost.multiplier, extra={"fields": {"event": "drift", **event}})
+
+    # -- snapshots ---------------------------------------------------------------------------------
+    def candidate(self) -> Candidate:
+        """The weights a snapshot would serve now, and the gate's verdict on them."""
+        which = "ema" if self.ema is not None else "student"
+        weights = self.ema.weights() if self.ema is not None else self.learner.weights()
+        force, self.force_next = self.force_next, False
+        if self.holdout is None or not len(self.holdout):
+            return Candidate(weights, which, True, "no holdout yet" if self.holdout else "gate off", None, None)
+        model = self.ema.module if self.ema is not None else unwrap(self.learner.student)
+        score = self.holdout.score(model, self.learner.spec)
+        published = self._score_published()
+        accepted, reason = self.gate.decide(score, published)
+        if force and not accepted:
+            accepted, reason = True, f"forced by an operator ({reason})"
+        if not accepted:
+            self.rejections += 1
+            self.last_rejection = {"at": time.time(), "candidate": score, "published": published, "reason": reason}
+            self.metrics.gate_rejections.inc()
+            log.warning("snapshot gate: candidate rejected (%s); candidate %s, published %s", reason,
+                        _brief(score), _brief(published))
+        return Candidate(weights, which, accepted, reason, score, published)
+
+    def published(self, weights: dict[str, torch.Tensor]) -> None:
+        """``weights`` are now what LATEST serves (the gate compares the next candidates with them)."""
+        self._published = weights
+
+    def _score_published(self) -> dict | None:
+        if self._published is None:
+            return None
+        if self._scratch is None:
+            self._scratch = copy.deepcopy(unwrap(self.learner.student))
+        self._scratch.load_state_dict(self._published)
+        return self.holdout.score(self._scratch, self.learner.spec)
+
+    def manifest(self) -> dict:
+        """What a snapshot's manifest records about learning: budget, replay, gate and drift."""
+        return {
+            "teacher_budget": self.budget.value,
+            "replay": {"samples": len(self.replay), "bytes": self.replay.nbytes} if self.replay else None,
+            "gate": {"enabled": self.holdout is not None, "tolerance": self.cfg.gate.tolerance,
+                     "rejections": self.rejections, "last_rejection": self.last_rejection},
+            "drift": {"detected": self.drifts, "last": self.last_drift},
+        }
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        out: dict = {"budget": self.budget.state_dict(), "boost": self.boost.state_dict(),
+                     "drifts": self.drifts, "rejections": self.rejections}
+        if self.replay is not None:
+            out["replay"] = self.replay.state_dict()
+        if self.ema is not None:
+            out["ema"] = self.ema.state_dict()
+        if self.holdout is not None:
+            out["holdout"] = self.holdout.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.budget.load_state_dict(state.get("budget", {}))
+        if state.get("boost"):
+            self.boost.load_state_dict(state["boost"])
+        self.drifts = int(state.get("drifts", 0))
+        self.rejections = int(state.get("rejections", 0))
+        for name in ("replay", "ema", "holdout"):
+            part = getattr(self, name)
+            if part is not None and name in state:
+                part.load_state_dict(state[name])
+        if self.ema is not None and "ema" not in state:  # a checkpoint from before the EMA: start it here
+            self.ema = Ema(self.learner.student, self.cfg.ema.decay)
+        self.learner.lr_scale = self.boost.multiplier
+
+
+def _brief(score: dict | None) -> str:
+    if not score:
+        return "-"
+    acc = score.get("accuracy")
+    return f"agreement {score['agreement']:.4f}" + (f", accuracy {acc:.4f}" if acc is not None else "") + \
+        f" on {score['n']}"

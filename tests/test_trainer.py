@@ -1,0 +1,120 @@
+"""Replay, EMA, the publishing gate, the teacher budget and drift handling, in the real loop (no broker)."""
+
+from __future__ import annotations
+
+import torch
+
+from streamkd import daemon
+from streamkd.state.checkpoint import CheckpointStore
+from streamkd.state.snapshot import SnapshotStore
+from test_loop import BATCH, MemoryIntake, batches, config, run
+
+
+def test_replay_ema_and_holdout_resume_from_the_checkpoint(tmp_path):
+    cfg = config(tmp_path, "checkpoint.every_steps=1000", "gate.holdout_share=0.1", plain=False)
+    first = daemon.build(cfg, intake=MemoryIntake(batches(10)))
+    prog = run(first, 10 * BATCH)
+    tr = first.trainer
+    held = tr.holdout.diverted
+    assert 0 < held < 10 * BATCH and tr.replay.seen == 10 * BATCH - held  # every trained sample was offered
+    assert prog.samples_seen == 10 * BATCH  # trained + held out: each record of the lineage once
+    assert first.registry.get_sample_value("streamkd_replayed_samples_total") > 0
+    assert first.registry.get_sample_value("streamkd_replay_buffer_samples") == len(tr.replay)
+    state = CheckpointStore(tmp_path / "ck").load_latest().learning
+
+    again = daemon.build(cfg, intake=MemoryIntake([]))
+    again.persistence.resume(again.accounting.prog)
+    tr2 = again.trainer
+    for a, b in zip(tr.replay.contents(), tr2.replay.contents()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(tr.ema.weights()[k], tr2.ema.weights()[k]) for k in tr.ema.weights())
+    assert len(tr2.holdout) == len(tr.holdout) and tr2.holdout.diverted == held
+    assert torch.equal(tr.replay.sample(16)[0], tr2.replay.sample(16)[0])  # the same future draws
+    assert set(state) >= {"replay", "ema", "holdout", "budget", "boost"}
+
+
+def test_snapshots_serve_the_ema_weights_and_say_so(tmp_path):
+    cfg = config(tmp_path, "snapshot.every_steps=4", "gate.enabled=false", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(8)))
+    run(parts, 8 * BATCH)
+    store = SnapshotStore(tmp_path / "sn")
+    manifest = store.latest()
+    assert manifest["weights"] == "ema"
+    from safetensors.torch import load_file
+
+    served = load_file(str(store.file_path(manifest["version"], "model.safetensors")))
+    ema = parts.trainer.ema.weights()
+    student = parts.learner.weights()
+    assert all(torch.equal(served[k], ema[k]) for k in ema)
+    assert any(not torch.equal(served[k], student[k]) for k in student)
+
+
+def gated(tmp_path, *extra):
+    cfg = config(tmp_path, "snapshot.every_steps=1000", "ema.enabled=false", "gate.holdout_share=0.5",
+                 "gate.tolerance=0.01", *extra, plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(12)))
+    prog = run(parts, 12 * BATCH)  # publishes snapshot 1 at the stop
+    assert SnapshotStore(tmp_path / "sn").versions() == [1]
+    return parts, prog
+
+
+def test_the_gate_keeps_a_worse_candidate_from_latest(tmp_path):
+    parts, prog = gated(tmp_path)
+    good = parts.trainer.candidate().score
+    with torch.no_grad():  # the student forgets everything: a regression on the holdout
+        for p in parts.learner.student.parameters():
+            p.normal_(0, 1)
+    parts.persistence.snapshot(prog, sync=True)
+    assert SnapshotStore(tmp_path / "sn").versions() == [1]
+    assert parts.registry.get_sample_value("streamkd_snapshot_gate_rejections_total") == 1
+    rejection = parts.trainer.last_rejection
+    assert rejection["published"]["agreement"] == good["agreement"]
+    assert rejection["candidate"]["agreement"] < good["agreement"] - 0.01
+
+    parts.persistence.force_publish()  # an operator's call: published whatever the gate says
+    assert parts.persistence.due(prog, 0.0)
+    parts.persistence.snapshot(prog, sync=True)
+    latest = SnapshotStore(tmp_path / "sn").latest()
+    assert latest["version"] == 2 and latest["gate_decision"]["reason"].startswith("forced")
+    assert latest["gate"]["rejections"] == 1 and latest["holdout"]["n"] > 0
+
+
+def test_the_gate_accepts_a_candidate_as_good_as_the_published_one(tmp_path):
+    parts, prog = gated(tmp_path)
+    parts.persistence.snapshot(prog, sync=True)  # the same weights again: within the tolerance
+    assert SnapshotStore(tmp_path / "sn").versions() == [1, 2]
+    assert parts.registry.get_sample_value("streamkd_snapshot_gate_rejections_total") == 0
+
+
+def test_a_quarter_budget_sends_a_quarter_of_the_samples_to_the_teacher(tmp_path):
+    cfg = config(tmp_path, "teacher.budget=0.25", "teacher.random_share=0.1", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(40)))
+    sizes = []
+    real = parts.labeller.teacher
+    parts.labeller.teacher = lambda x: (sizes.append(int(x.shape[0])), real(x))[1]
+    prog = run(parts, 40 * BATCH)
+    calls = parts.registry.get_sample_value("streamkd_teacher_calls_total")
+    assert calls == sum(sizes)
+    assert abs(calls / (40 * BATCH) - 0.25) < 0.06
+    assert parts.registry.get_sample_value("streamkd_teacher_budget_ratio") == 0.25
+    assert prog.samples_seen == calls  # only labelled samples enter the lineage; the others are consumed
+    assert prog.offsets == {0: 40 * BATCH}
+
+
+def test_a_drift_raises_the_budget_and_the_learning_rate_and_protects_replay(tmp_path):
+    cfg = config(tmp_path, "teacher.budget=adaptive", "teacher.budget_floor=0.2", "drift.lr_boost=3",
+                 "drift.boost_steps=10", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(4)))
+    run(parts, 4 * BATCH)
+    tr = parts.trainer
+    tr.budget.controller.budget = 0.2
+    tr.on_drift({"signal": "agreement", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5})
+    assert tr.budget.value == 0.2  # the controller moves on its next update...
+    tr.budget.update(0.5, drift=True)  # ...which the monitor's detection drives
+    assert tr.budget.value == 1.0
+    assert tr.replay.protected
+    assert parts.registry.get_sample_value("streamkd_drift_detected_total") == 1
+    lab = parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1))
+    tr.step(lab)
+    assert 1.0 < parts.learner.lr_scale <= 3.0  # boosted, decaying back to 1 over 10 steps
+    assert tr.manifest()["drift"]["detected"] == 1
