@@ -2,8 +2,9 @@
 
 In the gpu preset of ``bench/throughput.py`` the compute ceiling is set by the mobilenet_v3_small step,
 not by the resnet50 teacher (README "Results"). This times ``Learner.step`` -- the daemon's own
-code -- on a device-resident batch with precomputed teacher logits, for each variant, in one run. Last line: one JSON object, images/s per variant and the
-ratio of each to the first (the daemon's defaults on that device).
+code -- on a device-resident batch with precomputed teacher logits, for each variant, in one run.
+Last line: one JSON object, images/s per variant and the ratio of each to the first (the daemon's
+defaults on that device).
 """
 
 from __future__ import annotations
