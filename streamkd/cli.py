@@ -19,7 +19,8 @@ from streamkd.logs import setup_logging
 log = logging.getLogger("streamkd")
 
 # Modules that add a subcommand with `register(subparsers)` (imported lazily: torch is slow to import).
-COMMANDS = ("broker", "produce", "demo", "evaluate", "export", "pull", "status", "train_teacher")
+COMMANDS = ("commands.broker", "commands.produce", "commands.demo", "commands.evaluate", "serve.export", "serve.pull",
+            "commands.status", "commands.train_teacher")
 
 
 class UsageError(Exception):
