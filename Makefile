@@ -65,8 +65,8 @@ bench: $(VENV)/.dev dataset
 	$(BIN)/python bench/fashion_mnist.py
 	$(BIN)/python bench/throughput.py --preset cpu
 
-# The benchmark scripts at toy sizes (numbers meaningless): run before spending a GPU lease on them.
-# Benchmarks stay out of the test suite (DESIGN.md), so this is a separate target.
+# The benchmark scripts at toy sizes (numbers meaningless): a quick check that they run, e.g. before a
+# long run on a GPU host. Benchmarks stay out of the test suite (docs/DESIGN.md), so this is a separate target.
 bench-smoke: $(VENV)/.dev dataset
 	$(BIN)/python bench/throughput.py --preset cpu --smoke --naive-records 32 | tail -n 1
 	$(BIN)/python bench/student_step.py --model streamkd:lenet5 --size 28 --channels 1 --batch 8 --steps 2 --no-compile --device cpu | tail -n 1

@@ -1,10 +1,10 @@
 """Student training step alone, across precision / memory format / compile, to find what caps compute.
 
-On the H200 the gpu preset's compute ceiling was the mobilenet_v3_small step (4,828 img/s with
-the resnet50 teacher at 12,767 img/s, batch 256, bf16, channels_last). This times
-``Learner.step`` -- the daemon's own code -- on a device-resident batch with precomputed teacher
-logits, for each variant, in one run. Last line: one JSON object, images/s per variant and the
-ratio of each to the first (the daemon's defaults on that device).
+In the gpu preset of ``bench/throughput.py`` the compute ceiling is set by the mobilenet_v3_small step,
+not by the resnet50 teacher (README "Results"). This times ``Learner.step`` -- the daemon's own
+code -- on a device-resident batch with precomputed teacher logits, for each variant, in one run.
+Last line: one JSON object, images/s per variant and the ratio of each to the first (the daemon's
+defaults on that device).
 """
 
 from __future__ import annotations

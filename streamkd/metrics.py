@@ -90,7 +90,20 @@ class Metrics:
         self.samples_skipped.labels("nonfinite_teacher")
         for op in ("connect", "consumer", "metadata", "poll", "probe", "offset_reset", "commit", "dlq"):
             self.kafka_errors.labels(op)
-        # Learning: the teacher budget, replay, the publishing gate, drift.
+        self._learning(r)
+
+        # What a fresh registry lacks but the default one has: process RSS/CPU/file descriptors
+        # (process_*), the interpreter (python_info) and garbage collections (python_gc_*). The default
+        # registry has them already (registering them twice raises).
+        if registry is not REGISTRY:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        if device.startswith("cuda"):
+            registry.register(CudaMemoryCollector(device))
+
+    def _learning(self, r: dict) -> None:
+        """The teacher budget, replay, the publishing gate, drift."""
         self.teacher_calls = Counter("streamkd_teacher_calls", "Samples the teacher labelled.", **r)
         self.teacher_budget = Gauge(
             "streamkd_teacher_budget_ratio", "Share of samples sent to the teacher (teacher.budget, or the "
@@ -107,16 +120,6 @@ class Metrics:
             "Candidate snapshots not published because they scored worse than the published one on the "
             "holdout.", **r)
         self.drift_detected = Counter("streamkd_drift_detected", "Drifts detected in the stream.", **r)
-
-        # What a fresh registry lacks but the default one has: process RSS/CPU/file descriptors
-        # (process_*), the interpreter (python_info) and garbage collections (python_gc_*). The default
-        # registry has them already (registering them twice raises).
-        if registry is not REGISTRY:
-            ProcessCollector(registry=registry)
-            PlatformCollector(registry=registry)
-            GCCollector(registry=registry)
-        if device.startswith("cuda"):
-            registry.register(CudaMemoryCollector(device))
 
     # -- plain verbs for the domain code ---------------------------------------------------
     def consumed(self, n: int = 1) -> None:

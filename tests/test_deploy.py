@@ -1,7 +1,7 @@
 """Offline checks of the deployment artifacts: Dockerfile, compose, Kubernetes, Prometheus, Grafana.
 
 No Docker engine, cluster or network is needed. Each artifact is parsed and checked against the
-contracts in DESIGN.md (port 9400, /healthz, /readyz, metric names), against the other artifacts
+contracts in docs/DESIGN.md (port 9400, /healthz, /readyz, metric names), against the other artifacts
 it is wired to, and with the real tools: hadolint, kubernetes-validate, promtool (all required:
 a missing tool fails, it does not skip) and the daemon's own config loader.
 
@@ -47,7 +47,7 @@ PORT = 9400
 STATE_DIR = "/var/lib/streamkd"
 CONFIG_PATH = "/etc/streamkd/config.yaml"
 
-# The metric names of the contract (DESIGN.md plus the lead's list).
+# The daemon's metric names (docs/DESIGN.md "Metrics", the README's table): what dashboards and alerts may query.
 COUNTERS = {
     "streamkd_messages_consumed_total",
     "streamkd_messages_rejected_total",

@@ -66,7 +66,12 @@ def test_agreement_equals_a_hand_loop(data) -> None:
     rgb = build_model("streamkd:lenet5", 10, in_channels=3, input_size=(32, 32))
     spec_rgb = InputSpec((32, 32), 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert predict(rgb, images[:10], spec_rgb).shape == (10,)
-    assert 0.0 <= agreement(a, rgb, images, SPEC, spec_rgb)["agreement"] <= 1.0
+    prgb = hand_predictions(rgb, images, spec_rgb)
+    want = sum(int(x == y) for x, y in zip(pa, prgb)) / 200
+    assert agreement(a, rgb, images, SPEC, spec_rgb) == {"agreement": want, "n": 200}
+    # With the 1-channel spec the 3-channel model could not run at all: the second spec is what it used.
+    with pytest.raises(RuntimeError):
+        agreement(a, rgb, images, SPEC)
 
 
 def publish_student(root: Path, model: torch.nn.Module) -> dict:
@@ -95,7 +100,8 @@ def test_cli_json_matches_the_functions(data, tmp_path, capsys) -> None:
         assert out["agreement"] == agreement(student, teacher, images, SPEC)["agreement"]
 
 
-def test_cli_table_without_the_shipped_teacher(tmp_path, capsys, monkeypatch) -> None:
+def test_cli_table_without_the_shipped_teacher(data, tmp_path, capsys, monkeypatch) -> None:
+    images, labels = data
     publish_student(tmp_path / "snap", lenet(4))
 
     def missing() -> Path:
@@ -106,7 +112,8 @@ def test_cli_table_without_the_shipped_teacher(tmp_path, capsys, monkeypatch) ->
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["snapshot", "dataset", "student", "teacher"]
     assert "not evaluated" in lines[3] and "50 images" in lines[1]
-    assert 0.0 <= float(lines[2].split()[1]) <= 1.0
+    want = evaluate(lenet(4), images[:50], labels[:50], SPEC)["acc"]  # --limit 50: the first 50 test images
+    assert lines[2].split()[1] == f"{want:.4f}"
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys) -> None:

@@ -1,6 +1,6 @@
 """Reliability end to end: the daemon as a subprocess against a real broker, hurt from outside.
 
-Each test checks the promise of issue 4 with numbers read from outside the
+Each test checks the delivery guarantee (README "Delivery semantics") with numbers read from outside the
 daemon: every valid record is trained into the surviving lineage exactly once
 (``samples_seen`` == valid records, checkpoint/manifest offsets == produced,
 committed offsets == produced), and the daemon recovers by itself (a restart,

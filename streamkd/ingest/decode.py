@@ -4,7 +4,7 @@ Pure: bytes in, values out. No Kafka, no metrics, no logging; thread-safe (it is
 called from the batcher's decode pool) and it never raises: a bad record is a
 `Rejected` value whose `reason` becomes a metric label and a DLQ header.
 
-Wire format (DESIGN.md): a JPEG, PNG or WebP image, or an `.npy` uint8 array
+Wire format (docs/DESIGN.md): a JPEG, PNG or WebP image, or an `.npy` uint8 array
 shaped HxW, HxWxC, NxHxWxC or NxCxHxW. The format comes from the magic bytes;
 the optional `content-type` header is only checked for being a known type.
 Every limit is checked from the header, before any pixel is decoded.

@@ -111,8 +111,8 @@ class Learner:
         self.cfg, self.spec, self.device = cfg, spec, device
         # fp16 needs loss scaling for training; the student stays in fp32 then (teacher.precision is separate).
         self.amp = amp if amp is not torch.float16 else None
-        # channels_last pays for the student too: on the 2-core CPU the LeNet step went from 6.6-7.4 ms to
-        # 5.2 ms (batch 64; NCHW max-pooling alone is 2x slower); on CUDA it is what tensor cores want.
+        # channels_last pays for the student too: oneDNN's NHWC kernels (max-pooling among them) are faster
+        # than NCHW ones on the CPU, and on CUDA it is what tensor cores want (README "Results" has figures).
         self.channels_last = channels_last
         self.student = student.to(device).train()
         if self.channels_last:

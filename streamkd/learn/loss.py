@@ -25,6 +25,25 @@ class KDLoss:
     labelled: torch.Tensor  # int64, number of labelled samples
 
 
+def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+           alpha: float, form: str) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if form not in FORMS:
+        raise ValueError(f"Invalid form {form!r}. Valid: {', '.join(FORMS)}")
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student and teacher logits must both be N×K, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.shape[0] == 0:
+        raise ValueError("empty batch: kd_loss needs at least one sample")
+    if labels.shape != student_logits.shape[:1]:
+        raise ValueError(f"labels must be shape ({student_logits.shape[0]},), got {tuple(labels.shape)}")
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -67,22 +86,7 @@ def kd_loss(
     ``nn.KLDivLoss()``'s default "mean", which also divides by K); ``ce`` is
     the mean over labelled samples, 0 when there are none.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    if form not in FORMS:
-        raise ValueError(f"Invalid form {form!r}. Valid: {', '.join(FORMS)}")
-    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            "student and teacher logits must both be N×K, got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
-    if student_logits.shape[0] == 0:
-        raise ValueError("empty batch: kd_loss needs at least one sample")
-    if labels.shape != student_logits.shape[:1]:
-        raise ValueError(f"labels must be shape ({student_logits.shape[0]},), got {tuple(labels.shape)}")
-
+    _check(student_logits, teacher_logits, labels, temperature, alpha, form)
     s = student_logits.float()
     t = teacher_logits.detach().float()
     n = s.shape[0]

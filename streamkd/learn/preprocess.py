@@ -65,7 +65,7 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int], channels: int) -> t
         x = _to_uint8(_luma(x.float()))  # before resizing: a third of the work
     if tuple(x.shape[2:]) != (h, w):
         if x.device.type == "cpu":
-            # CPU has a native uint8 antialias kernel (2x faster than via float);
+            # CPU has a native uint8 antialias kernel (faster than going through float);
             # it rounds internally and differs from the float path by at most 1.
             x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
         else:

@@ -1,11 +1,12 @@
 """Persistence: resume, checkpoint and snapshot cadence, and rollback to the last good checkpoint.
 
 Exactly-once into the lineage rests on the order kept here: a checkpoint holds
-the model together with the offsets it covers; the dead letters for skipped
-records are flushed, then the checkpoint is made durable, and only then are
-its offsets committed to Kafka. Writes run on one background thread, so the
-loop never waits for the disk; a failed write is logged and counted, and the
-previous checkpoint or snapshot stays the newest.
+the model together with the offsets it covers; the checkpoint is made durable,
+then the dead letters for the records it skips are flushed, and only then are
+its offsets committed to Kafka (``commit`` is the intake's, which flushes first).
+Writes run on one background thread, so the loop never waits for the disk; a
+failed write is logged and counted, and the previous checkpoint or snapshot
+stays the newest.
 """
 
 from __future__ import annotations

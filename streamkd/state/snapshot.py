@@ -1,6 +1,6 @@
 """Serving snapshots: numbered, immutable, atomically published student weights.
 
-Layout (contract, see DESIGN.md "Snapshots")::
+Layout (contract, see docs/DESIGN.md "Snapshots")::
 
     <dir>/LATEST                  # text: newest published version
     <dir>/<version>/model.safetensors
