@@ -53,10 +53,10 @@ def demo_config(bootstrap: str, topic: str, state: Path, args: argparse.Namespac
 
 def _main(args: argparse.Namespace) -> int:
     from streamkd.commands.broker import EmbeddedBroker, ensure_topics
-    from streamkd.cli import install_stop_handlers
     from streamkd.commands.datasets import load_fashion_mnist
-    from streamkd.logs import setup_logging
     from streamkd.commands.produce import dataset_records, make_producer, produce
+    from streamkd.logs import setup_logging
+    from streamkd.shutdown import install_stop_handlers
 
     setup_logging("text", "WARNING" if not args.no_progress else "INFO")
     images, labels = load_fashion_mnist("train", args.data_dir)

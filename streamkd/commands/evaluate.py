@@ -28,7 +28,7 @@ __all__ = ["InputSpec", "agreement", "evaluate", "predict", "register", "spec_fr
 
 def spec_from_manifest(student: Mapping[str, Any]) -> InputSpec:
     """InputSpec from a manifest's `student` section (input_size, channels, mean, std)."""
-    from streamkd.serve.export import student_geometry
+    from streamkd.state.layout import student_geometry
 
     c, h, w = student_geometry(dict(student))
     return InputSpec((h, w), c, tuple(student["mean"]), tuple(student["std"]))
@@ -178,7 +178,8 @@ def _teacher(args: argparse.Namespace) -> tuple[nn.Module | None, str | None, st
 
 def _main(args: argparse.Namespace) -> int:
     from streamkd.commands.datasets import DatasetNotFound
-    from streamkd.serve.export import SnapshotError, load_student, resolve_version_dir
+    from streamkd.serve.export import load_student
+    from streamkd.state.layout import SnapshotError, resolve_version_dir
     from streamkd.learn.learner import resolve_device
 
     def fail(msg: str) -> int:
