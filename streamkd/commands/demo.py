@@ -141,7 +141,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _report(parts, test_images, test_labels, state: Path, seconds: float, records: int, prog) -> None:
-    from streamkd.commands.evaluate import agreement, evaluate
+    from streamkd.learn.evaluation import agreement, evaluate
 
     device = parts.device
     teacher_acc = evaluate(parts.teacher.model, test_images, test_labels, parts.teacher.spec, device=device)["acc"]
