@@ -16,7 +16,7 @@ def resolve_device(spec: str) -> torch.device:
     """
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec not in ("cpu", "cuda") and not (spec.startswith("cuda:") and spec[5:].isdigit()):
+    if spec not in ("cpu", "cuda") and not (spec.startswith("cuda:") and spec[5:].isascii() and spec[5:].isdigit()):
         raise ValueError(f"Invalid device {spec!r}. Valid: auto, cpu, cuda, cuda:N")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} requested but CUDA is not available (torch {torch.__version__})")

@@ -26,15 +26,17 @@ from typing import Any
 
 from streamkd.state.fsutil import sha256_file
 
-__all__ = ["LATEST_FILE", "MANIFEST_FILE", "MAX_FILES", "MODEL_FILE", "MODEL_LEVEL_FILES", "SnapshotError",
-           "check_manifest", "check_manifest_model_spec", "is_version", "list_versions", "parse_manifest",
-           "read_latest", "read_manifest", "resolve_version_dir", "safe_name", "student_geometry", "verify_files"]
+__all__ = ["CONFIG_FILE", "LATEST_FILE", "MANIFEST_FILE", "MAX_FILES", "MODEL_FILE", "MODEL_LEVEL_FILES",
+           "SnapshotError", "check_manifest", "check_manifest_model_spec", "is_version", "list_versions",
+           "parse_manifest", "read_latest", "read_manifest", "resolve_version_dir", "safe_name", "student_geometry",
+           "verify_files"]
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
+CONFIG_FILE = "config.pbtxt"  # Triton's model config
 # Files a version may carry that also belong one level up, beside LATEST (Triton reads config.pbtxt there).
-MODEL_LEVEL_FILES = ("config.pbtxt",)
+MODEL_LEVEL_FILES = (CONFIG_FILE,)
 # A snapshot holds a handful of files (weights, manifest, exported models and their companions); a reader of
 # a manifest from another host refuses more.
 MAX_FILES = 64
