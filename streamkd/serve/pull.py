@@ -10,6 +10,9 @@ sees a partial or unverified snapshot, and a refused one leaves DIR as it was.
 Unchanged files are not downloaded again: the ETag each file came with is kept
 in ``DIR/.etags.json`` and sent as ``If-None-Match``; on 304 the local copy is
 hard-linked (or copied) into the new version, and checked like a download.
+
+The folder contract and the manifest checks come from :mod:`streamkd.state.layout`. This module imports
+neither torch nor numpy (an import-linter contract holds that), so a serving host needs neither.
 """
 
 from __future__ import annotations
