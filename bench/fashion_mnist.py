@@ -37,7 +37,7 @@ def main() -> None:
     from streamkd.commands.broker import EmbeddedBroker, ensure_topics
     from streamkd.config import load_config
     from streamkd.commands.datasets import load_fashion_mnist
-    from streamkd.commands.evaluate import evaluate
+    from streamkd.learn.evaluation import evaluate
     from streamkd.learn.learner import Learner
     from streamkd.commands.produce import dataset_records, produce
 

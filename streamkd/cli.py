@@ -5,23 +5,31 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
-import signal
 import sys
 import threading
-from typing import Callable
 
 from streamkd import __version__
 from streamkd.config import ConfigError, load_config
 from streamkd.state.fsutil import DirLockedError
 from streamkd.logs import setup_logging
+from streamkd.shutdown import install_stop_handlers
 
 log = logging.getLogger("streamkd")
 
-# Modules that add a subcommand with `register(subparsers)` (imported lazily: torch is slow to import).
-COMMANDS = ("streamkd.commands.broker", "streamkd.commands.produce", "streamkd.commands.demo",
-            "streamkd.commands.evaluate", "streamkd.serve.export", "streamkd.serve.pull", "streamkd.commands.status",
-            "streamkd.commands.force_publish", "streamkd.commands.train_teacher")
+# Subcommand -> the module that adds it with `register(subparsers)`. Only the module of the subcommand being
+# run is imported (torch is slow to import, and the serving side's `pull` runs without it); `--help` and an
+# unknown subcommand import them all.
+COMMANDS = {
+    "broker": "streamkd.commands.broker",
+    "produce": "streamkd.commands.produce",
+    "demo": "streamkd.commands.demo",
+    "eval": "streamkd.commands.evaluate",
+    "export": "streamkd.serve.export",
+    "pull": "streamkd.serve.pull",
+    "status": "streamkd.commands.status",
+    "force-publish": "streamkd.commands.force_publish",
+    "train-teacher": "streamkd.commands.train_teacher",
+}
 
 
 class UsageError(Exception):
@@ -34,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; with `argv`, only the subcommand it names is loaded (all when it names none)."""
     parser = _Parser(prog="streamkd", description="Online knowledge distillation from a Kafka image stream.")
     parser.add_argument("--version", action="version", version=f"streamkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -45,15 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting, value parsed as YAML (repeatable): --set train.lr=1e-3")
     p.add_argument("--print-config", action="store_true", help="print the merged config (secrets redacted) and exit")
     p.set_defaults(func=cmd_run)
-    for name in COMMANDS:
+    names = _wanted(argv)
+    for name in names:
         try:
-            module = importlib.import_module(name)
-        except ImportError as e:  # a command whose optional dependency is missing still shows up in --help
-            log.debug("command module %s unavailable: %s", name, e)
+            module = importlib.import_module(COMMANDS[name])
+        except ImportError as e:
+            if len(names) == 1:
+                raise  # the command being run cannot load: say why
+            log.debug("command module %s unavailable: %s", COMMANDS[name], e)  # left out of --help
             continue
-        if hasattr(module, "register"):
-            module.register(sub)
+        module.register(sub)
     return parser
+
+
+def _wanted(argv: list[str] | None) -> list[str]:
+    """The subcommands to load for `argv`: the one it names, none for `run`, else (help, a typo) all."""
+    command = next((a for a in argv or [] if not a.startswith("-")), None)
+    if command == "run":
+        return []
+    return [command] if command in COMMANDS else list(COMMANDS)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -77,43 +96,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def install_stop_handlers(stop: threading.Event, grace_s: float) -> Callable[[], None]:
-    """SIGTERM/SIGINT: finish the batch in flight, checkpoint, exit. A second signal or the grace period
-    running out exits at once (the newest durable checkpoint is intact either way).
-
-    Returns a function that disarms the grace-period watchdog once the loop has stopped cleanly.
-    """
-    timers: list[threading.Timer] = []
-
-    def disarm() -> None:
-        for t in timers:
-            t.cancel()
-
-    def handler(signum, _frame):
-        if stop.is_set():
-            log.error("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(1)
-        log.info("%s: finishing the batch in flight, then checkpoint and exit (grace %.0f s)",
-                 signal.Signals(signum).name, grace_s)
-        stop.set()
-
-        def watchdog():
-            log.error("shutdown exceeded the %.0f s grace period; exiting without a final checkpoint", grace_s)
-            logging.shutdown()
-            os._exit(1)
-
-        t = threading.Timer(grace_s, watchdog)
-        t.daemon = True
-        t.start()
-        timers.append(t)
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return disarm
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -11,7 +11,7 @@ import yaml
 from streamkd import __version__, cli
 
 # The documented subcommands (README "Command line", docs/DESIGN.md "Command line").
-SUBCOMMANDS = ("run", "demo", "produce", "eval", "status", "export", "pull", "broker", "train-teacher")
+SUBCOMMANDS = ("run", "demo", "produce", "eval", "status", "export", "pull", "broker", "force-publish", "train-teacher")
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -104,3 +104,10 @@ def test_process_exit_codes():
     assert ok.returncode == 0, ok.stderr
     bad = code("run", "--print-config", "--set", "snapshot.every_steps=0")
     assert bad.returncode == 2 and "snapshot.every_steps" in bad.stderr, bad.stderr
+
+
+def test_only_the_named_subcommand_is_imported() -> None:
+    code = ("import sys; from streamkd import cli; cli.build_parser(['status', 'http://x']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('streamkd.commands', 'streamkd.serve'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "['streamkd.commands', 'streamkd.commands.status']"

@@ -12,13 +12,9 @@ from safetensors.torch import save_file
 from streamkd import cli
 from streamkd.learn import models as models_mod
 from streamkd.commands.datasets import load_fashion_mnist
-from streamkd.commands.evaluate import (
-    InputSpec,
-    agreement,
-    evaluate,
-    predict,
-    spec_from_manifest,
-)
+from streamkd.commands.evaluate import spec_from_manifest
+from streamkd.learn.evaluation import agreement, evaluate, predict
+from streamkd.learn.learner import InputSpec
 from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
 from streamkd.learn.preprocess import to_model_input
 from streamkd.state.snapshot import SnapshotStore
@@ -72,6 +68,19 @@ def test_agreement_equals_a_hand_loop(data) -> None:
     # With the 1-channel spec the 3-channel model could not run at all: the second spec is what it used.
     with pytest.raises(RuntimeError):
         agreement(a, rgb, images, SPEC)
+
+
+def test_predict_runs_under_autocast_when_asked(data) -> None:
+    images, _ = data
+    model = lenet(4)
+    seen: list[torch.dtype] = []
+    model.register_forward_hook(lambda m, inp, out: seen.append(out.dtype))
+    fp32 = predict(model, images[:16], SPEC, batch_size=8)
+    assert seen == [torch.float32, torch.float32]
+    seen.clear()
+    bf16 = predict(model, images[:16], SPEC, batch_size=8, amp=torch.bfloat16)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert bf16.dtype == fp32.dtype == torch.int64 and bf16.shape == fp32.shape == (16,)
 
 
 def publish_student(root: Path, model: torch.nn.Module) -> dict:

@@ -18,7 +18,6 @@ from streamkd.serve.export import (
     FORMATS,
     INPUT_NAME,
     OUTPUT_NAME,
-    SnapshotError,
     SnapshotExports,
     export_model,
     load_student,
@@ -26,6 +25,7 @@ from streamkd.serve.export import (
 )
 from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
 from streamkd.learn.preprocess import to_model_input
+from streamkd.state.layout import SnapshotError, check_manifest_model_spec
 from streamkd.state.snapshot import SnapshotStore
 
 SHAPE = (1, 1, 28, 28)
@@ -266,7 +266,7 @@ def test_manifest_naming_a_model_file_is_never_loaded(tmp_path, monkeypatch, cap
 
 @pytest.mark.parametrize("spec", ["streamkd:lenet5", "torchvision:mobilenet_v3_small", "torchvision:resnet18"])
 def test_manifest_model_names_are_accepted(spec) -> None:
-    assert export_mod.check_manifest_model_spec(spec, "manifest.json") == spec
+    assert check_manifest_model_spec(spec, "manifest.json") == spec
 
 
 # ---- exports in a child process ----------------------------------------------------------

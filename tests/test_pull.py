@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -27,7 +29,8 @@ from streamkd.serve.pull import (
     watch,
 )
 from streamkd.serve.server import HttpServer
-from streamkd.state.snapshot import MODEL_FILE, SnapshotStore
+from streamkd.state.layout import MODEL_FILE
+from streamkd.state.snapshot import SnapshotStore
 
 TOKEN = "s3cret-token-value"
 
@@ -439,3 +442,70 @@ def test_a_dripping_server_cannot_outlast_the_deadline(tmp_path) -> None:
         srv.shutdown()
         srv.server_close()
     assert [n for n in os.listdir(tmp_path / "d") if not n.startswith(".")] == []
+
+
+# Runs `python -m streamkd ARGS...` where torch, torchvision and numpy cannot be imported, as on a serving host
+# that has only the standard library and streamkd.
+_NO_TORCH = r"""
+import importlib.abc, runpy, sys
+
+HEAVY = ("torch", "torchvision", "numpy")
+assert not [m for m in sys.modules if m.split(".")[0] in HEAVY], "imported before the blocker"
+
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ImportError(f"No module named {name!r} (blocked)")
+        return None
+
+
+sys.meta_path.insert(0, Blocker())
+for name in HEAVY:
+    try:
+        __import__(name)
+    except ImportError:
+        continue
+    raise SystemExit(f"the blocker failed: {name} imported")
+sys.argv = ["streamkd", *sys.argv[1:]]
+try:
+    runpy.run_module("streamkd", run_name="__main__", alter_sys=True)
+finally:
+    assert not [m for m in sys.modules if m.split(".")[0] in HEAVY]
+"""
+
+
+def _pull_without_torch(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop(pull_mod.TOKEN_ENV, None)
+    return subprocess.run([sys.executable, "-c", _NO_TORCH, "pull", *args], capture_output=True, text=True,
+                          env=env, timeout=120, check=False)
+
+
+def test_pull_command_runs_without_torch(daemon, tmp_path) -> None:
+    store, url = daemon
+    dest = tmp_path / "serving"
+    m1 = publish(store, seed=1, step=10)
+    done = _pull_without_torch(url, str(dest))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(dest / "1")
+    for name, digest in m1["files"].items():
+        assert sha(dest / "1" / name) == digest
+    assert json.loads((dest / "1" / "manifest.json").read_text()) == m1
+
+    m2 = publish(store, seed=2, step=20)
+    done = _pull_without_torch(url, str(dest), "--keep", "1")
+    assert done.returncode == 0, done.stderr
+    assert (dest / "LATEST").read_text() == "2\n"
+    assert sorted(n for n in os.listdir(dest) if not n.startswith(".")) == ["2", "LATEST"]  # 1 pruned
+    for name, digest in m2["files"].items():
+        assert sha(dest / "2" / name) == digest
+    assert SnapshotStore(dest).latest() == m2  # the daemon's own reader accepts the copy
+
+
+def test_the_torch_blocker_blocks(tmp_path) -> None:
+    # The harness above proves something only if the blocked modules really fail to import in it.
+    prelude = _NO_TORCH.replace("runpy.run_module", "import torch; runpy.run_module")
+    done = subprocess.run([sys.executable, "-c", prelude, "--version"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode != 0 and "(blocked)" in done.stderr

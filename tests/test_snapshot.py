@@ -199,7 +199,7 @@ def test_latest_names_missing_version(tmp_path: Path) -> None:
 def test_verification_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SnapshotStore(tmp_path)
     store.publish(weights(), MANIFEST)
-    import streamkd.state.snapshot as mod
+    import streamkd.state.layout as mod  # where a version's files are hashed
 
     calls = []
     real = mod.sha256_file

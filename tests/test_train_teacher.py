@@ -134,12 +134,3 @@ def test_smoothed_cross_entropy_matches_torch():
     logits, labels = torch.randn(6, 10), torch.randint(0, 10, (6,))
     ref = F.cross_entropy(logits, labels, label_smoothing=0.1)
     torch.testing.assert_close(tt.smoothed_cross_entropy(logits, labels, 0.1), ref)
-
-
-def test_resolve_device():
-    assert tt.resolve_device("cpu").type == "cpu"
-    with pytest.raises(ValueError, match="Valid: auto, cpu, cuda"):
-        tt.resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            tt.resolve_device("cuda")

@@ -54,10 +54,10 @@ def demo_config(bootstrap: str, topic: str, state: Path, args: argparse.Namespac
 
 def _main(args: argparse.Namespace) -> int:
     from streamkd import daemon
-    from streamkd.cli import install_stop_handlers
     from streamkd.commands.broker import EmbeddedBroker, ensure_topics
     from streamkd.commands.datasets import load_fashion_mnist
     from streamkd.logs import setup_logging
+    from streamkd.shutdown import install_stop_handlers
 
     setup_logging("text", "WARNING" if not args.no_progress else "INFO")
     images, _ = load_fashion_mnist("train", args.data_dir)
@@ -161,7 +161,7 @@ def served_student(parts):
 
 
 def _report(parts, test, state: Path, seconds: float, records: int, prog) -> None:
-    from streamkd.commands.evaluate import agreement, evaluate
+    from streamkd.learn.evaluation import agreement, evaluate
 
     test_images, test_labels = test
     device = parts.device

@@ -2,9 +2,8 @@
 Fashion-MNIST, an ImageFolder-style directory (``--folder``, one subfolder per class) or a labelled Kafka
 topic (``--topic``, the ``label`` header).
 
-`predict` is the one forward loop; `evaluate` and `agreement` are views of its
-output, and the command line runs each model once and derives all three
-figures from the two prediction vectors.
+The command runs each model once (:func:`streamkd.learn.evaluation.predict`) and derives all three figures
+from the two prediction vectors.
 """
 
 from __future__ import annotations
@@ -20,86 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from streamkd.learn.evaluation import predict
 from streamkd.learn.learner import InputSpec
-from streamkd.learn.preprocess import to_model_input
 
-__all__ = ["InputSpec", "agreement", "evaluate", "predict", "register", "spec_from_manifest"]
+__all__ = ["register", "spec_from_manifest"]
 
 
 def spec_from_manifest(student: Mapping[str, Any]) -> InputSpec:
     """InputSpec from a manifest's `student` section (input_size, channels, mean, std)."""
-    from streamkd.serve.export import student_geometry
+    from streamkd.state.layout import student_geometry
 
     c, h, w = student_geometry(dict(student))
     return InputSpec((h, w), c, tuple(student["mean"]), tuple(student["std"]))
-
-
-def predict(
-    model: nn.Module,
-    images: torch.Tensor,
-    spec: InputSpec,
-    batch_size: int = 512,
-    device: str | torch.device | None = None,
-) -> torch.Tensor:
-    """Top-1 class of each image: uint8 N×C×H×W (any size/channels `spec` can convert) -> int64 N (CPU).
-
-    Runs in eval mode under inference_mode, preprocessing with `to_model_input`
-    batch by batch on the model's device (`device`, when given, moves the
-    model there first); the model's train/eval mode is restored.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if device is not None:
-        model.to(device)
-    ref = next(iter([*model.parameters(), *model.buffers()]), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.inference_mode():
-            for i in range(0, images.shape[0], batch_size):
-                x = to_model_input(images[i:i + batch_size].to(device, non_blocking=True),
-                                   spec.size, spec.channels, spec.mean, spec.std)
-                out.append(model(x).argmax(dim=1).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
-
-
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    spec: InputSpec,
-    batch_size: int = 512,
-    device: str | torch.device | None = None,
-) -> dict[str, float | int]:
-    """Top-1 accuracy of `model` on uint8 N×C×H×W `images` with int64 N `labels`: {"acc", "n"}."""
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-    pred = predict(model, images, spec, batch_size, device)
-    n = int(labels.shape[0])
-    return {"acc": float((pred == labels.cpu()).sum()) / n if n else float("nan"), "n": n}
-
-
-def agreement(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    images: torch.Tensor,
-    spec_a: InputSpec,
-    spec_b: InputSpec | None = None,
-    batch_size: int = 512,
-    device: str | torch.device | None = None,
-) -> dict[str, float | int]:
-    """Fraction of uint8 N×C×H×W `images` on which both models pick the same top-1 class: {"agreement", "n"}.
-
-    Each model gets its own preprocessing (`spec_b` defaults to `spec_a`).
-    """
-    pa = predict(model_a, images, spec_a, batch_size, device)
-    pb = predict(model_b, images, spec_b or spec_a, batch_size, device)
-    n = int(images.shape[0])
-    return {"agreement": float((pa == pb).sum()) / n if n else float("nan"), "n": n}
 
 
 # ---- command line -------------------------------------------------------------------
@@ -178,7 +109,8 @@ def _teacher(args: argparse.Namespace) -> tuple[nn.Module | None, str | None, st
 
 def _main(args: argparse.Namespace) -> int:
     from streamkd.commands.datasets import DatasetNotFound
-    from streamkd.serve.export import SnapshotError, load_student, resolve_version_dir
+    from streamkd.serve.export import load_student
+    from streamkd.state.layout import SnapshotError, resolve_version_dir
     from streamkd.learn.learner import resolve_device
 
     def fail(msg: str) -> int:

@@ -27,6 +27,9 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from streamkd.commands.datasets import DatasetNotFound, load_fashion_mnist
+from streamkd.learn.device import autocast, resolve_device
+from streamkd.learn.evaluation import evaluate
+from streamkd.learn.learner import InputSpec, resolve_precision
 from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, TEACHER_SPEC, WEIGHTS_DIR, build_model, file_sha256
 
 # Written into the current directory unless asked otherwise: the package's own weights (what
@@ -37,6 +40,7 @@ DEFAULTS = {"epochs": 30, "batch_size": 256, "lr": 0.1, "seed": 0}
 WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.1
 NUM_CLASSES = 10
+TEST_SPEC = InputSpec((28, 28), 1, FMNIST_MEAN, FMNIST_STD)  # the test images as they are
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2, erase_p: float = 0.5) -> torch.Tensor:
@@ -81,11 +85,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2, erase_p: float 
     return x.masked_fill(erase.unsqueeze(1), 0.0)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 N×1×28×28 -> float32, normalised with the Fashion-MNIST mean/std."""
-    return (images.float() / 255 - FMNIST_MEAN[0]) / FMNIST_STD[0]
-
-
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Mean CE against (1 − ε)·one_hot + ε/K; logits N×K, labels int64 N.
 
@@ -97,25 +96,6 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing
     one_hot = (labels[:, None] == torch.arange(k, device=labels.device)).float()
     target = one_hot * (1.0 - smoothing) + smoothing / k
     return -(target * logp).sum(dim=1).mean()
-
-
-def _autocast(dev: torch.device) -> contextlib.AbstractContextManager:
-    # bf16 on CUDA (no loss scaling needed); plain fp32 on CPU
-    if dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy in [0, 1]; images uint8 N×1×28×28 and labels int64 N on the model's device."""
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for i in range(0, len(images), batch_size):
-        with _autocast(images.device):
-            logits = model(normalize(images[i:i + batch_size]))
-        correct += (logits.argmax(dim=1) == labels[i:i + batch_size]).sum()
-    return correct.item() / max(len(images), 1)  # one host sync per evaluation
 
 
 def train_one_epoch(
@@ -139,7 +119,7 @@ def train_one_epoch(
         if len(idx) < 2:
             continue  # BatchNorm cannot train on a single sample
         x = augment(images[idx].float() / 255, aug_gen)
-        with _autocast(images.device):
+        with autocast(images.device, resolve_precision("auto", images.device)):  # bf16 on CUDA, fp32 on CPU
             logits = model(x)
         loss = smoothed_cross_entropy(logits, labels[idx], LABEL_SMOOTHING)
         opt.zero_grad(set_to_none=True)
@@ -165,17 +145,6 @@ def _deterministic(dev: torch.device) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is a ValueError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"Invalid device {device!r}. Valid: auto, cpu, cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def train_teacher(
@@ -223,7 +192,7 @@ def train_teacher(
             t0 = time.perf_counter()
             loss = train_one_epoch(model, opt, sched, train_x, train_y, batch_size, order_gen, aug_gen)
             t1 = time.perf_counter()
-            acc = evaluate(model, test_x, test_y)
+            acc = evaluate(model, test_x, test_y, TEST_SPEC, batch_size=1024, amp=resolve_precision("auto", dev))["acc"]
             secs, eval_secs = time.perf_counter() - t0, time.perf_counter() - t1
             history.append({"epoch": epoch, "train_loss": round(loss, 5), "test_acc": acc,
                             "seconds": round(secs, 2), "eval_seconds": round(eval_secs, 2)})

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from streamkd.backoff import Backoff
 from streamkd.config import KafkaConfig
 from streamkd.ingest.source import RawRecord, client_config
 
@@ -99,7 +100,7 @@ class DeadLetters:
         self._cv = threading.Condition()
         self._pending: list[_Letter] = []  # in send order; acknowledged ones are dropped
         self._retry_at = 0.0  # no (re)send before this (monotonic), after a failure
-        self._backoff = 0.1
+        self._backoff = Backoff(0.1, _MAX_BACKOFF_S)  # between re-sends after a failure
         self._was_full = False
         self._next_warning = 0.0  # delivery failures are logged at most once a minute
         self._closed = False
@@ -191,7 +192,7 @@ class DeadLetters:
     def _drop_acked(self) -> None:
         if any(letter.acked for letter in self._pending):
             self._pending = [letter for letter in self._pending if not letter.acked]
-            self._backoff = 0.1
+            self._backoff.reset()
             self._changed()
 
     def _changed(self) -> None:
@@ -254,8 +255,7 @@ class DeadLetters:
                                 len(undelivered), self.cfg.dlq_topic, type(undelivered[0]).__name__)
                 if failed or undelivered:
                     self.on_error("dlq")
-                    self._retry_at = time.monotonic() + self._backoff
-                    self._backoff = min(self._backoff * 2, _MAX_BACKOFF_S)
+                    self._retry_at = time.monotonic() + self._backoff.next_delay()
 
     def _try_send(self, msg: dict):
         """A future for the send, or None when it raised (no broker, metadata timeout): sent again later."""

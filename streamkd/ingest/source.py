@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from streamkd.backoff import Backoff
 from streamkd.config import KafkaConfig
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ class KafkaSource:
         """A KafkaConsumer, retrying with capped exponential backoff until the broker answers or we stop."""
         from kafka import KafkaConsumer
 
-        delay = 0.5
+        backoff = self._backoff()
         while not self.stop_event.is_set():
             try:
                 return KafkaConsumer(
@@ -273,12 +274,16 @@ class KafkaSource:
                     max_partition_fetch_bytes=self.cfg.max_partition_fetch_bytes,
                     **client_config(self.cfg), **self._consumer_settings())
             except Exception as e:  # noqa: BLE001 - NoBrokersAvailable, DNS, TLS handshake...
+                delay = backoff.next_delay()
                 self._set_reachable(False, f"cannot reach Kafka at {self.cfg.bootstrap_servers} "
                                            f"({type(e).__name__}: {e}); not ready; retrying in {delay:.1f} s")
                 self.on_error("connect")
-                self.stop_event.wait(delay)
-                delay = min(delay * 2, self.cfg.reconnect_backoff_max_ms / 1000)
+                backoff.wait(delay)
         return None
+
+    def _backoff(self) -> Backoff:
+        """Reconnect delays: from 0.5 s up to ``kafka.reconnect_backoff_max_ms``, ended early by the stop event."""
+        return Backoff(0.5, self.cfg.reconnect_backoff_max_ms / 1000, stop=self.stop_event)
 
     def _set_reachable(self, ok: bool, message: str = "") -> None:
         with self._lock:
@@ -383,7 +388,7 @@ class KafkaSource:
 
     def _run(self, index: int) -> None:
         """One consumer thread: (re)connect, consume until stopped; any client failure reconnects."""
-        delay = 0.5
+        backoff = self._backoff()
         while not self.stop_event.is_set():
             consumer = self._connect(index)
             if consumer is None:
@@ -402,8 +407,7 @@ class KafkaSource:
                     consumer.close(autocommit=False)
                 except Exception:  # noqa: BLE001
                     pass
-            self.stop_event.wait(delay)
-            delay = min(delay * 2, self.cfg.reconnect_backoff_max_ms / 1000)
+            backoff.wait()
 
     def _consume(self, consumer, index: int) -> None:
         from kafka import TopicPartition

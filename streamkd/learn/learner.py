@@ -9,7 +9,6 @@ uses) and skip the update inside the kernel when it is set.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,6 +18,8 @@ from torch import nn
 
 from streamkd.config import TrainConfig
 from streamkd.learn.accel import native_bf16, optimize_for_inference
+from streamkd.learn.device import autocast as _autocast
+from streamkd.learn.device import resolve_device as resolve_device  # imported from here by the daemon
 from streamkd.learn.loss import kd_loss
 from streamkd.learn.preprocess import to_model_input
 
@@ -27,16 +28,6 @@ log = logging.getLogger(__name__)
 # Layout of the per-step stats vector (float32, on the device).
 STATS = ("n", "n_finite", "loss", "kd", "ce", "agree", "labelled", "correct", "skipped")
 S = {name: i for i, name in enumerate(STATS)}
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={spec} but CUDA is not available (torch {torch.__version__})")
-    return dev
 
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,12 +50,6 @@ def resolve_precision(precision: str, device: torch.device, *, inference: bool =
 
 def precision_name(dtype: torch.dtype | None) -> str:
     return next(name for name, d in PRECISIONS.items() if d is dtype)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass(frozen=True)

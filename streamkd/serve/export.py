@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import re
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -27,21 +26,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamkd.state.fsutil import fsync_dir, fsync_tree, remove_tree, sha256_file
 from streamkd.learn.models import build_model, load_state_dict_file
-from streamkd.state.snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, safe_name
+from streamkd.state.fsutil import fsync_dir, fsync_tree, remove_tree
+from streamkd.state.layout import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SnapshotError,
+    check_manifest_model_spec,
+    read_manifest,
+    resolve_version_dir,
+    student_geometry,
+)
 
 __all__ = [
     "FORMATS",
     "INPUT_NAME",
     "ONNX_OPSET",
     "OUTPUT_NAME",
-    "SnapshotError",
-    "check_manifest_model_spec",
+    "build_student",
     "export_model",
     "load_student",
     "register",
-    "resolve_version_dir",
     "snapshot_exporters",
     "snapshot_extras",
 ]
@@ -57,94 +62,7 @@ _VERIFY_BATCHES = (1, 3)  # 3 differs from the tracing batch (2): proves the bat
 log = logging.getLogger(__name__)
 
 
-class SnapshotError(ValueError):
-    """A snapshot folder that cannot be used: missing, malformed or failing its checksums."""
-
-
 # ---- reading snapshots ---------------------------------------------------------
-
-
-def resolve_version_dir(path: str | Path) -> Path:
-    """A version folder (has manifest.json) as is; a snapshot root -> the version LATEST names.
-
-    When LATEST is missing or unreadable, the highest numeric folder with a
-    manifest is used instead (the daemon writes folders before LATEST).
-    """
-    p = Path(path)
-    if not p.is_dir():
-        raise SnapshotError(f"{p}: no such directory")
-    if (p / MANIFEST_FILE).is_file():
-        return p
-    try:
-        text = (p / LATEST_FILE).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    if text.isdigit() and (p / text / MANIFEST_FILE).is_file():
-        return p / text
-    numeric = sorted((int(n) for n in os.listdir(p) if n.isdigit() and (p / n / MANIFEST_FILE).is_file()), reverse=True)
-    if numeric:
-        if text:
-            log.warning("%s names version %s, which is not there; using version %d", p / LATEST_FILE, text, numeric[0])
-        return p / str(numeric[0])
-    raise SnapshotError(f"{p}: neither a snapshot version folder (no {MANIFEST_FILE}) "
-                        f"nor a snapshot directory (no {LATEST_FILE} / numeric version folders)")
-
-
-def read_manifest(version_dir: str | Path, verify: bool = True) -> dict:
-    """Parse `version_dir`/manifest.json; with `verify`, check every listed file's sha256."""
-    vdir = Path(version_dir)
-    try:
-        manifest = json.loads((vdir / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SnapshotError(f"{vdir}: {MANIFEST_FILE} missing") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SnapshotError(f"{vdir / MANIFEST_FILE}: does not parse: {e}") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(safe_name(n) and isinstance(h, str) for n, h in files.items()):
-        raise SnapshotError(f"{vdir / MANIFEST_FILE}: no valid `files` map {{name: sha256}}")
-    if MODEL_FILE not in files:
-        raise SnapshotError(f"{vdir / MANIFEST_FILE}: does not list {MODEL_FILE}")
-    if not isinstance(manifest.get("student"), dict):
-        raise SnapshotError(f"{vdir / MANIFEST_FILE}: no `student` section")
-    if verify:
-        for name, expected in sorted(files.items()):
-            try:
-                got = sha256_file(vdir / name)
-            except FileNotFoundError:
-                raise SnapshotError(f"{vdir / name}: listed in the manifest but missing") from None
-            if got != expected:
-                raise SnapshotError(f"{vdir / name}: sha256 {got[:12]}… does not match the manifest's {expected[:12]}…")
-    return manifest
-
-
-def student_geometry(student: dict) -> tuple[int, int, int]:
-    """(channels, H, W) of a manifest's `student` section (from channels/input_size, else input_shape)."""
-    shape = student.get("input_shape")
-    try:
-        c = int(student["channels"]) if "channels" in student else int(shape[1])
-        h, w = (int(v) for v in (student["input_size"] if "input_size" in student else shape[2:4]))
-    except (TypeError, ValueError, IndexError, KeyError):
-        raise SnapshotError(f"manifest `student` has no usable channels/input_size/input_shape: {student}") from None
-    return c, h, w
-
-
-# streamkd:NAME or torchvision:NAME, nothing else: no dots (so no file suffix), no path separators.
-_MANIFEST_MODEL = re.compile(r"(streamkd|torchvision):[A-Za-z_][A-Za-z0-9_]{0,63}")
-
-
-def check_manifest_model_spec(spec: object, where: str) -> str:
-    """`spec` (a manifest's ``student.model``) when it names a built-in model; SnapshotError otherwise.
-
-    A snapshot is data that may come from another host. A model *file* spec
-    (``.pt2``, TorchScript) would be loaded to rebuild the student, and loading
-    one runs code, so a manifest may only name ``streamkd:NAME`` or
-    ``torchvision:NAME``. `where` (a path or URL) goes into the message.
-    """
-    if not isinstance(spec, str) or not _MANIFEST_MODEL.fullmatch(spec):
-        shown = repr(spec) if len(repr(spec)) <= 80 else repr(spec)[:77] + "..."
-        raise SnapshotError(f"{where}: student.model {shown} is refused: a snapshot's model must be a "
-                            "streamkd:NAME or torchvision:NAME model (a model file runs code when it is loaded)")
-    return spec
 
 
 def load_student(snapshot_dir: str | Path) -> tuple[nn.Module, dict]:

@@ -10,6 +10,9 @@ sees a partial or unverified snapshot, and a refused one leaves DIR as it was.
 Unchanged files are not downloaded again: the ETag each file came with is kept
 in ``DIR/.etags.json`` and sent as ``If-None-Match``; on 304 the local copy is
 hard-linked (or copied) into the new version, and checked like a download.
+
+The folder contract and the manifest checks come from :mod:`streamkd.state.layout`. This module imports
+neither torch nor numpy (an import-linter contract holds that), so a serving host needs neither.
 """
 
 from __future__ import annotations
@@ -29,32 +32,39 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from streamkd.backoff import Backoff
 from streamkd.state.fsutil import (
     atomic_publish_dir,
     atomic_write_bytes,
-    fsync_dir,
+    prune_dirs,
+    remove_leftovers,
     remove_tree,
     sha256_file,
 )
-from streamkd.serve.export import SnapshotError, check_manifest_model_spec
-from streamkd.state.snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_LEVEL_FILES, safe_name
+from streamkd.state.layout import (
+    LATEST_FILE,
+    MANIFEST_FILE,
+    MAX_FILES,
+    MODEL_LEVEL_FILES,
+    SnapshotError,
+    check_manifest,
+    list_versions,
+    parse_manifest,
+    read_latest,
+)
 
 __all__ = ["MAX_FILE_BYTES", "TOKEN_ENV", "AuthError", "PullError", "TransientError", "pull_once", "register", "watch"]
 
 TOKEN_ENV = "STREAMKD_SNAPSHOT_TOKEN"
 MAX_FILE_BYTES = 2 << 30  # refuse anything bigger: a student snapshot is megabytes, not gigabytes
 MAX_MANIFEST_BYTES = 16 << 20
-MAX_FILES = 64  # a snapshot holds a handful: weights, manifest, exported models and their companions
 DEADLINE_S = 900.0  # one whole pull (manifest and every file); a slow or dripping server cannot hold it longer
 ETAGS_FILE = ".etags.json"
 _CHUNK = 1 << 20
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_VERSION = re.compile(r"[1-9][0-9]{0,17}")
 log = logging.getLogger(__name__)
 
 
@@ -197,10 +207,6 @@ def _read_limited(resp: Any, limit: int, what: str, sink: Callable[[bytes], None
 # ---- the local folder ---------------------------------------------------------------
 
 
-def _local_versions(dest: Path) -> list[int]:
-    return sorted(int(n) for n in os.listdir(dest) if _VERSION.fullmatch(n) and (dest / n).is_dir())
-
-
 def _local_manifest(dest: Path, version: int) -> dict | None:
     try:
         m = json.loads((dest / str(version) / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -211,13 +217,10 @@ def _local_manifest(dest: Path, version: int) -> dict | None:
 
 def _newest(dest: Path) -> int | None:
     """The version LATEST names if it is there, else the highest version folder."""
-    try:
-        text = (dest / LATEST_FILE).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    if _VERSION.fullmatch(text) and (dest / text).is_dir():
-        return int(text)
-    vs = _local_versions(dest)
+    latest = read_latest(dest)
+    if latest is not None and (dest / str(latest)).is_dir():
+        return latest
+    vs = list_versions(dest)
     return vs[-1] if vs else None
 
 
@@ -250,29 +253,15 @@ def _dir_lock(dest: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _validate(manifest: Any, url: str) -> tuple[int, dict[str, str]]:
-    """(version, files) of a remote manifest; PullError for anything we would not dare write."""
-    if not isinstance(manifest, dict):
-        raise PullError(f"{url}: manifest is not a JSON object")
-    v, files = manifest.get("version"), manifest.get("files")
-    if type(v) is not int or not _VERSION.fullmatch(str(v)):
-        raise PullError(f"{url}: manifest version {v!r} is not a positive integer")
-    if not isinstance(files, dict) or MODEL_FILE not in files:
-        raise PullError(f"{url}: manifest has no files map listing {MODEL_FILE}")
-    if len(files) > MAX_FILES:
-        raise PullError(f"{url}: manifest lists {len(files)} files, more than the limit of {MAX_FILES}")
-    for name, sha in files.items():
-        # A name becomes a path under DIR: only plain names ('..', '/', NUL, dot files are refused).
-        if not safe_name(name) or name == MANIFEST_FILE:
-            raise PullError(f"{url}: manifest lists an unsafe file name {name!r}")
-        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-            raise PullError(f"{url}: manifest sha256 of {name!r} is malformed: {repr(sha)[:80]}")
-    student = manifest.get("student")
-    try:  # what rebuilds the student from this mirror must never be told to load a model file
-        check_manifest_model_spec(student.get("model") if isinstance(student, dict) else None, url)
+def _validate(raw: bytes, url: str) -> tuple[dict, dict[str, str]]:
+    """(manifest, files) of a remote manifest; PullError for anything we would not dare write
+    (the snapshot layout's checks, with its student section and at most MAX_FILES files)."""
+    try:
+        manifest = parse_manifest(raw, url)
+        files = check_manifest(manifest, url, student=True, max_files=MAX_FILES)
     except SnapshotError as e:
         raise PullError(str(e)) from None
-    return v, files
+    return manifest, files
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -308,9 +297,7 @@ def pull_once(
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     with _dir_lock(dest):
-        for n in os.listdir(dest):  # leftovers of an interrupted pull (we hold the lock)
-            if n.startswith((".tmp-", ".trash-")):
-                remove_tree(dest / n)
+        remove_leftovers(dest)  # of an interrupted pull (we hold the lock)
         etags = _load_etags(dest)
         latest = etags.get("latest") if isinstance(etags.get("latest"), dict) else None
         if latest and not (dest / str(latest.get("version")) / MANIFEST_FILE).is_file():
@@ -327,12 +314,8 @@ def pull_once(
         except _NotFound as e:  # nothing published yet (or this daemon serves no snapshots)
             log.debug("%s", e)
             return _newest(dest)
-        try:
-            manifest = json.loads(bytes(raw))
-        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser allows
-            raise PullError(f"{client.base}/v1/snapshots/latest: not JSON: {type(e).__name__}: "
-                            f"{str(e)[:200]}") from None
-        version, files = _validate(manifest, f"{client.base}/v1/snapshots/latest")
+        manifest, files = _validate(bytes(raw), f"{client.base}/v1/snapshots/latest")
+        version = manifest["version"]
 
         newest = _newest(dest)
         local = _local_manifest(dest, version)
@@ -427,31 +410,12 @@ def _save_etags(dest: Path, etags: dict) -> None:
 
 def _finish(dest: Path, version: int, keep: int | None) -> int:
     """Point LATEST at `version` (atomically) when it does not already, then prune; returns it."""
-    try:
-        current = (dest / LATEST_FILE).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        current = ""
-    if current != str(version):
+    if read_latest(dest) != version:
         atomic_write_bytes(dest / LATEST_FILE, f"{version}\n".encode())
     if keep is not None:
-        _prune(dest, keep, head=version)
+        vs = list_versions(dest)
+        prune_dirs(dest / str(v) for v in vs[: max(0, len(vs) - keep)] if v != version)
     return version
-
-
-def _prune(dest: Path, keep: int, head: int) -> None:
-    vs = _local_versions(dest)
-    for v in vs[: max(0, len(vs) - keep)]:
-        if v == head:
-            continue
-        # Rename first: the numeric folder vanishes in one step, never half-deleted.
-        trash = dest / f".trash-{v}-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(dest / str(v), trash)
-        except OSError as e:
-            log.warning("could not prune %s: %s", dest / str(v), e)
-            continue
-        remove_tree(trash)
-    fsync_dir(dest)
 
 
 # ---- watching ------------------------------------------------------------------------
@@ -474,14 +438,15 @@ def watch(
     """pull_once every `interval` seconds until `stop` is set.
 
     Connection trouble, 5xx and pulls past `deadline_s` are retried with
-    exponential backoff (`min_backoff` doubling up to `max_backoff` seconds); a
+    exponential backoff (`min_backoff` doubling up to `max_backoff` seconds, less jitter); a
     refused snapshot is logged and tried again next interval (the daemon may
     publish a good one); AuthError raises. Nothing else a server answers stops
     the watch: an unexpected failure is logged with its traceback and retried
     with backoff. `on_version(v)` is called when the newest local version changes.
     """
     stop = stop or threading.Event()
-    backoff, last_error, last_version = min_backoff, "", None
+    backoff = Backoff(min_backoff, max_backoff, stop=stop)
+    last_error, last_version = "", None
     while not stop.is_set():
         unexpected: Exception | None = None
         try:
@@ -499,18 +464,19 @@ def watch(
         except Exception as e:  # noqa: BLE001 - a watcher outlives any one bad answer
             problem, unexpected = f"pull failed: {type(e).__name__}: {e}", e
         else:
-            backoff, last_error = min_backoff, ""
+            backoff.reset()
+            last_error = ""
             if v is not None and v != last_version:
                 last_version = v
                 if on_version is not None:
                     on_version(v)
             stop.wait(interval)
             continue
+        delay = backoff.next_delay()
         if problem != last_error:
-            log.warning("%s; retrying in %.0f s", problem, backoff, exc_info=unexpected)
+            log.warning("%s; retrying in %.1f s", problem, delay, exc_info=unexpected)
         last_error = problem
-        stop.wait(backoff)
-        backoff = min(backoff * 2, max_backoff)
+        backoff.wait(delay)
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -536,14 +502,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _pull_retrying(url: str, dest: Path, token: str | None, keep: int, deadline_s: float = DEADLINE_S,
                    attempts: int = 3) -> int | None:
     """One-shot pull; a transient failure (connection, 5xx, a version pruned meanwhile) is retried twice."""
+    backoff = Backoff(1.0, 4.0)
     for attempt in range(attempts):
         try:
             return pull_once(url, dest, token, keep=keep, deadline_s=deadline_s)
         except TransientError as e:
             if attempt == attempts - 1:
                 raise
-            log.warning("%s; retrying in %d s", e, 2 ** attempt)
-            time.sleep(2 ** attempt)
+            delay = backoff.next_delay()
+            log.warning("%s; retrying in %.1f s", e, delay)
+            backoff.wait(delay)
     return None
 
 

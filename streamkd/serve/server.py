@@ -27,7 +27,8 @@ from urllib.parse import unquote, urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from streamkd.state.snapshot import MANIFEST_FILE, SnapshotStore
+from streamkd.state.layout import MANIFEST_FILE
+from streamkd.state.snapshot import SnapshotStore
 
 __all__ = ["HttpServer"]
 

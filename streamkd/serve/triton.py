@@ -16,10 +16,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from streamkd.state.layout import CONFIG_FILE, SnapshotError, student_geometry
+
 __all__ = ["CONFIG_FILE", "PLATFORMS", "TORCHSCRIPT_INPUT", "TORCHSCRIPT_OUTPUT", "model_config",
            "servable_format"]
 
-CONFIG_FILE = "config.pbtxt"
 # format of snapshot.formats -> (Triton platform, the file name Triton loads by default)
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "torchscript": ("pytorch_libtorch", "model.pt")}
 # TorchScript graphs carry no output names: Triton's libtorch backend maps `<name>__<index>` to positions.
@@ -52,8 +53,6 @@ def model_config(
     full dims instead, and no dynamic batching. `max_queue_delay_us` is how long Triton may hold a
     request to batch it with others.
     """
-    from streamkd.serve.export import SnapshotError, student_geometry
-
     if fmt not in PLATFORMS:
         raise ValueError(f"Invalid format {fmt!r} for Triton. Only {', '.join(PLATFORMS)} are supported.")
     if max_batch_size < 1:

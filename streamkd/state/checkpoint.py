@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from streamkd.state.fsutil import atomic_publish_dir, fsync_dir, remove_tree
+from streamkd.state.fsutil import atomic_publish_dir, fsync_dir, prune_dirs, remove_tree
 
 __all__ = ["CheckpointError", "CheckpointStore", "TrainState", "is_finite_state"]
 
@@ -226,18 +226,8 @@ class CheckpointStore:
     def _prune(self, keep_also: Path) -> None:
         # Runs only after the new checkpoint is durable, so a crash here never
         # leaves fewer than `keep` usable checkpoints behind.
-        for old in self.list()[self.keep:]:
-            if old == keep_also:
-                continue
-            # Rename first so a half-deleted folder never looks like a corrupt checkpoint.
-            trash = self.directory / f".trash-{old.name}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(old, trash)
-            except OSError as e:
-                log.warning("could not prune checkpoint %s: %s", old, e)
-                continue
-            remove_tree(trash)
-        fsync_dir(self.directory)
+        # Renamed first, so a half-deleted folder never looks like a corrupt checkpoint.
+        prune_dirs(old for old in self.list()[self.keep:] if old != keep_also)
 
     def load(self, path: str | Path) -> TrainState:
         """Load and fully verify one checkpoint folder; raises CheckpointError when unusable."""

@@ -13,10 +13,13 @@ process at a time.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import threading
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 try:
@@ -25,9 +28,10 @@ except ImportError:  # not POSIX: no directory locks
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["LOCK_FILE", "DirLockedError", "atomic_publish_dir", "atomic_write_bytes", "fsync_dir", "fsync_tree",
-           "lock_dirs", "remove_tree", "sha256_file", "unlock_dirs"]
+           "lock_dirs", "prune_dirs", "remove_leftovers", "remove_tree", "sha256_file", "unlock_dirs"]
 
 _CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -94,6 +98,44 @@ def fsync_tree(directory: str | Path) -> None:
 def remove_tree(path: str | Path) -> None:
     """Best-effort recursive delete (used for temporaries and pruning)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def prune_dirs(folders: Iterable[str | Path]) -> list[Path]:
+    """Delete whole folders (old checkpoints, old snapshot versions), each in one visible step.
+
+    Each folder is first renamed to ``.trash-<name>-<random>`` beside it, so it
+    vanishes at once instead of file by file (a reader never finds it half
+    deleted), then the trash is removed. A folder that cannot be renamed is
+    logged and left. Returns the folders removed; each parent is fsynced.
+    """
+    removed: list[Path] = []
+    parents: set[Path] = set()
+    for folder in map(Path, folders):
+        trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
+        parents.add(folder.parent)
+        try:
+            os.rename(folder, trash)
+        except OSError as e:
+            log.warning("could not prune %s: %s", folder, e)
+            continue
+        remove_tree(trash)
+        removed.append(folder)
+    for parent in parents:
+        fsync_dir(parent)
+    return removed
+
+
+def remove_leftovers(directory: str | Path, prefixes: tuple[str, ...] = (".tmp-", ".trash-")) -> None:
+    """Remove what an interrupted writer or pruner left in `directory`: entries named with one of `prefixes`
+    (folders and files). Only for the directory's one writer: another writer's temporaries are in flight."""
+    d = Path(directory)
+    for name in os.listdir(d):
+        if name.startswith(prefixes):
+            p = d / name
+            if p.is_dir() and not p.is_symlink():
+                remove_tree(p)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def atomic_publish_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from streamkd.state.snapshot import LATEST_FILE, MANIFEST_FILE, MODEL_LEVEL_FILES, safe_name
+from streamkd.backoff import Backoff
+from streamkd.state.layout import LATEST_FILE, MANIFEST_FILE, MODEL_LEVEL_FILES, is_version, safe_name
 
 __all__ = ["Uploader", "open_target"]
 
@@ -57,6 +57,7 @@ class Uploader:
         self.fs, self.root = open_target(url, options)
         self.url, self.keep = url, keep
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
+        self._stop = threading.Event()  # set by close(): ends a wait between retries at once
         self.on_uploaded = on_uploaded
         self.uploaded: int | None = None  # newest version whose LATEST write succeeded
         self.failures = 0  # failed attempts so far (each is retried)
@@ -95,6 +96,7 @@ class Uploader:
             log.warning("snapshot upload to %s unfinished after %.0f s; stopping", self.url, timeout)
         with self._cv:
             self._closed = True
+            self._stop.set()
             self._cv.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
@@ -102,7 +104,7 @@ class Uploader:
     # ---- the thread ----------------------------------------------------------
 
     def _loop(self) -> None:
-        delay = self.backoff_initial_s
+        backoff = Backoff(self.backoff_initial_s, self.backoff_max_s, stop=self._stop)
         while True:
             with self._cv:
                 while self._pending is None and not self._closed:
@@ -113,13 +115,12 @@ class Uploader:
                 self._pending, self._busy = None, True
             try:
                 self.upload(version, vdir)
-                delay = self.backoff_initial_s
+                backoff.reset()
             except FileNotFoundError as e:  # pruned locally meanwhile: a newer version exists
                 log.warning("snapshot %d left the local store before its upload finished (%s); skipped", version, e)
             except Exception as e:  # noqa: BLE001 - network, credentials, throttling: retry with backoff
                 self.failures += 1
-                wait = min(self.backoff_max_s, delay) * random.uniform(0.5, 1.0)
-                delay = min(self.backoff_max_s, delay * 2)
+                wait = backoff.next_delay()
                 log.warning("upload of snapshot %d to %s failed (%s: %s); retrying in %.1f s", version, self.url,
                             type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", wait)
                 with self._cv:
@@ -127,7 +128,7 @@ class Uploader:
                         self._pending = (version, vdir)  # retry it unless something newer arrived
                     self._busy = False
                     self._cv.notify_all()
-                    self._cv.wait_for(lambda: self._closed, timeout=wait)
+                backoff.wait(wait)
                 continue
             with self._cv:
                 self._busy = False
@@ -169,8 +170,7 @@ class Uploader:
         except Exception as e:  # noqa: BLE001 - pruning is best effort
             log.warning("could not list %s to prune old snapshots: %s", self.url, e)
             return
-        versions = sorted(int(n) for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
-                          if n.isdigit() and not n.startswith("0"))
+        versions = sorted(int(n) for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in entries) if is_version(n))
         for v in versions[: max(0, len(versions) - self.keep)]:
             if v == head:
                 continue

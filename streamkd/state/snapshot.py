@@ -1,13 +1,6 @@
 """Serving snapshots: numbered, immutable, atomically published student weights.
 
-Layout (contract, see docs/DESIGN.md "Snapshots")::
-
-    <dir>/LATEST                  # text: newest published version
-    <dir>/<version>/model.safetensors
-    <dir>/<version>/manifest.json # caller's fields + version, created_at, files {name: sha256}
-    <dir>/<version>/model.onnx    # optional extra files
-    <dir>/config.pbtxt            # Triton's model config, copied from the newest version that has one
-
+The folder layout and the manifest's shape are :mod:`streamkd.state.layout`.
 With Triton, `<dir>` is a model folder of a model repository: Triton reads
 `<dir>/config.pbtxt` and serves the newest numeric version folder.
 
@@ -26,7 +19,6 @@ import math
 import os
 import re
 import threading
-import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,20 +30,27 @@ from safetensors.torch import save_file
 from streamkd.state.fsutil import (
     atomic_publish_dir,
     atomic_write_bytes,
-    fsync_dir,
+    prune_dirs,
+    remove_leftovers,
     remove_tree,
     sha256_file,
 )
+from streamkd.state.layout import (
+    LATEST_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    MODEL_LEVEL_FILES,
+    SnapshotError,
+    check_manifest,
+    list_versions,
+    parse_manifest,
+    read_latest,
+    safe_name,
+    verify_files,
+)
 
-__all__ = ["LATEST_FILE", "MANIFEST_FILE", "MODEL_FILE", "MODEL_LEVEL_FILES", "NonFiniteWeights", "SnapshotStore",
-           "rfc3339_now", "safe_name"]
+__all__ = ["NonFiniteWeights", "SnapshotStore", "rfc3339_now"]
 
-MODEL_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "LATEST"
-# Files a version may carry that also belong one level up, beside LATEST (Triton reads config.pbtxt there).
-MODEL_LEVEL_FILES = ("config.pbtxt",)
-_VERSION = re.compile(r"[1-9][0-9]{0,17}")  # canonical: no leading zeros, fits in int64
 _TRASH = re.compile(r"\.trash-([0-9]+)-")
 log = logging.getLogger(__name__)
 
@@ -67,17 +66,6 @@ class _Gone(Exception):
 def rfc3339_now() -> str:
     """Current UTC time as RFC 3339 with milliseconds, e.g. 2026-11-28T21:40:00.123Z."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def safe_name(name: object) -> bool:
-    """True for a plain file name that cannot leave its folder."""
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= 255
-        and not name.startswith(".")  # also rules out '.' and '..'
-        and not any(c in name for c in ("/", "\\", "\0", ":"))
-        and not os.path.isabs(name)
-    )
 
 
 def _json_safe(x: Any) -> Any:
@@ -130,21 +118,10 @@ class SnapshotStore:
 
     def versions(self) -> list[int]:
         """Published version numbers on disk, ascending."""
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-        return sorted(int(n) for n in names if _VERSION.fullmatch(n) and (self.directory / n).is_dir())
+        return list_versions(self.directory)
 
     def _read_latest(self) -> int | None:
-        try:
-            text = (self.directory / LATEST_FILE).read_text(encoding="ascii").strip()
-        except (FileNotFoundError, UnicodeDecodeError):
-            return None
-        if not _VERSION.fullmatch(text):
-            log.warning("ignoring malformed %s: %r", self.directory / LATEST_FILE, text[:40])
-            return None
-        return int(text)
+        return read_latest(self.directory)
 
     def _signature(self, vdir: Path, names: list[str]) -> tuple:
         return tuple(_stat_key(vdir / n) for n in [MANIFEST_FILE, *names])
@@ -168,31 +145,21 @@ class SnapshotStore:
         return result
 
     def _verify_uncached(self, version: int, vdir: Path) -> tuple[dict | str, list[str], tuple]:
+        # Stat before reading: if a file changes after this, the next call sees a new signature.
+        sig = self._signature(vdir, [])
         try:
-            raw = (vdir / MANIFEST_FILE).read_bytes()
+            manifest = parse_manifest((vdir / MANIFEST_FILE).read_bytes(), MANIFEST_FILE)
+            files = check_manifest(manifest, MANIFEST_FILE, version=version)
         except FileNotFoundError:
-            return "manifest.json missing", [], self._signature(vdir, [])
-        try:
-            manifest = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            return f"manifest.json does not parse: {e}", [], self._signature(vdir, [])
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict) or not all(safe_name(n) and isinstance(h, str) for n, h in files.items()):
-            return "manifest.json has no valid files map", [], self._signature(vdir, [])
+            return f"{MANIFEST_FILE} missing", [], sig
+        except SnapshotError as e:
+            return str(e), [], sig
         names = sorted(files)
-        # Stat before hashing: if a file changes after this, the next call sees a new signature.
         sig = self._signature(vdir, names)
-        if manifest.get("version") != version:
-            return f"manifest.json names version {manifest.get('version')!r}", names, sig
-        if MODEL_FILE not in files:
-            return f"manifest.json does not list {MODEL_FILE}", names, sig
-        for name in names:
-            try:
-                digest = sha256_file(vdir / name)
-            except FileNotFoundError:
-                return f"{name} missing", names, sig
-            if digest != files[name]:
-                return f"{name} sha256 mismatch", names, sig
+        try:
+            verify_files(vdir, files)
+        except SnapshotError as e:
+            return str(e), names, sig
         return manifest, names, sig
 
     def _check(self, version: int, report: bool) -> dict | None:
@@ -374,28 +341,13 @@ class SnapshotStore:
     def _remove_stale(self) -> None:
         """Drop leftovers of a crashed publisher (done lazily by the writer, never by readers
         in other processes, which could otherwise delete an in-flight publication)."""
-        for n in os.listdir(self.directory):
-            if n.startswith((".tmp-", ".trash-")):
-                p = self.directory / n
-                if p.is_dir():
-                    remove_tree(p)
-                else:
-                    p.unlink(missing_ok=True)
+        remove_leftovers(self.directory)
         self._cleaned = True
 
     def _prune(self, head: int) -> None:
         vs = self.versions()
-        for v in vs[: max(0, len(vs) - self.keep)]:
-            if v == head:
-                continue
-            # Rename first: the numeric folder vanishes in one step instead of file by file.
-            trash = self.directory / f".trash-{v}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(self.directory / str(v), trash)
-            except OSError as e:
-                log.warning("could not prune snapshot %d: %s", v, e)
-                continue
-            remove_tree(trash)
-            with self._cache_lock:
+        old = [v for v in vs[: max(0, len(vs) - self.keep)] if v != head]
+        pruned = {int(p.name) for p in prune_dirs(self.directory / str(v) for v in old)}
+        with self._cache_lock:
+            for v in pruned:
                 self._cache.pop(v, None)
-        fsync_dir(self.directory)
