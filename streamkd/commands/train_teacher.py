@@ -199,6 +199,18 @@ def train_teacher(
             log(f"epoch {epoch:3d}/{epochs}  train_loss {loss:.4f}  test_acc {acc:.4f}  "
                 f"{secs:.1f}s (eval {eval_secs:.1f}s)")
 
+    out = _write_weights(model, Path(out))
+    manifest = _manifest(model, out, dev, history, len(train_x), len(test_x), epochs=epochs, batch_size=batch_size,
+                         lr=lr, seed=seed, limit=limit, command=command, started=started)
+    manifest_path = out.with_suffix(".json")
+    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def _write_weights(model: torch.nn.Module, out: Path) -> Path:
+    """CPU fp32 weights and BatchNorm buffers to ``out`` (safetensors), atomically."""
     state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}  # BN running stats and num_batches_tracked included
     out = Path(out)
@@ -206,7 +218,13 @@ def train_teacher(
     tmp = out.with_name(out.name + ".tmp")
     save_file(state, str(tmp), metadata={"architecture": TEACHER_SPEC})
     os.replace(tmp, out)  # readers never see a partial file
+    return out
 
+
+def _manifest(model: torch.nn.Module, out: Path, dev: torch.device, history: list[dict], train_samples: int,
+              test_samples: int, *, epochs: int, batch_size: int, lr: float, seed: int, limit: int | None,
+              command: str | None, started: float) -> dict:
+    """What the weights file is: architecture, data, recipe, result, and how to reproduce it."""
     manifest = {
         "architecture": TEACHER_SPEC,
         "num_classes": NUM_CLASSES,
@@ -216,8 +234,8 @@ def train_teacher(
         "std": list(FMNIST_STD),
         "params": sum(p.numel() for p in model.parameters()),
         "dataset": "fashion-mnist",
-        "train_samples": len(train_x),
-        "test_samples": len(test_x),
+        "train_samples": train_samples,
+        "test_samples": test_samples,
         "test_acc": history[-1]["test_acc"],
         "weights_file": out.name,
         "sha256": file_sha256(out),
@@ -237,10 +255,6 @@ def train_teacher(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "history": history,
     }
-    manifest_path = out.with_suffix(".json")
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
     return manifest
 
 
