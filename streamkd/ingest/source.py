@@ -409,9 +409,54 @@ class KafkaSource:
                     pass
             backoff.wait()
 
+    def _poll(self, consumer, index: int, owned: list[int]) -> dict | None:
+        """One poll; None after re-positioning (offset out of range, log truncation). Other errors raise."""
+        from kafka.errors import LogTruncationError, OffsetOutOfRangeError
+
+        try:
+            return consumer.poll(timeout_ms=200)
+        except OffsetOutOfRangeError as e:
+            positions = {tp.partition: off for tp, off in (e.args[0] if e.args and isinstance(e.args[0], dict)
+                                                           else {}).items()}
+            self._reposition(consumer, positions or {p: self._next.get(p) for p in owned}, "position")
+        except LogTruncationError as e:
+            # Records we read no longer exist on the broker (unclean leader election).
+            div = {tp.partition: om for tp, om in e.divergent_offsets.items()}
+            log.error("log truncation detected on partitions %s; re-positioning", sorted(div))
+            self._reposition(consumer, {p: (om.offset if om is not None else None) for p, om in div.items()},
+                             "position")
+        except Exception as e:  # noqa: BLE001 - codec, authorization, deleted topic, broker trouble
+            # Not a transient blip to wait out: kafka-python can leave the partition parked
+            # behind a failed record batch, fetching nothing more, while the probe still
+            # succeeds. A fresh consumer fetches the same offsets again; the streak decides
+            # when a failure that keeps coming back makes the source unready.
+            self.on_error("poll")
+            self._streaks[index].failed(f"consumer {index}: Kafka poll failed ({type(e).__name__}: {e})")
+            raise _PollFailed from e
+        return None
+
+    def _record_highwater(self, consumer, owned: list[int]) -> None:
+        from kafka import TopicPartition
+
+        with self._lock:
+            for p in owned:
+                hw = consumer.highwater(TopicPartition(self.cfg.topic, p))
+                if hw is not None:
+                    self.status.highwater[p] = hw
+
+    def _probe(self, consumer, owned: list[int]) -> None:
+        """Idle: make sure the broker is still there (a frozen broker looks idle too)."""
+        from kafka import TopicPartition
+
+        try:
+            consumer.end_offsets([TopicPartition(self.cfg.topic, owned[0])])
+            self._set_reachable(True, "Kafka reachable again")
+        except Exception as e:  # noqa: BLE001
+            self.on_error("probe")
+            self._set_reachable(False, f"Kafka not answering ({type(e).__name__}); waiting for it to come back")
+
     def _consume(self, consumer, index: int) -> None:
         from kafka import TopicPartition
-        from kafka.errors import LogTruncationError, OffsetOutOfRangeError
 
         owned: list[int] = []
         unverified: dict[int, int] = {}  # partition -> sought position not yet checked against the log
@@ -437,28 +482,9 @@ class KafkaSource:
                         self._streaks[index].failed(f"topic {self.cfg.topic!r} does not exist")
                     self.stop_event.wait(1.0)
                     continue
-            try:
-                batches = consumer.poll(timeout_ms=200)
-            except OffsetOutOfRangeError as e:
-                positions = {tp.partition: off for tp, off in (e.args[0] if e.args and isinstance(e.args[0], dict)
-                                                               else {}).items()}
-                self._reposition(consumer, positions or {p: self._next.get(p) for p in owned}, "position")
+            batches = self._poll(consumer, index, owned)
+            if batches is None:
                 continue
-            except LogTruncationError as e:
-                # Records we read no longer exist on the broker (unclean leader election).
-                div = {tp.partition: om for tp, om in e.divergent_offsets.items()}
-                log.error("log truncation detected on partitions %s; re-positioning", sorted(div))
-                self._reposition(consumer, {p: (om.offset if om is not None else None) for p, om in div.items()},
-                                 "position")
-                continue
-            except Exception as e:  # noqa: BLE001 - codec, authorization, deleted topic, broker trouble
-                # Not a transient blip to wait out: kafka-python can leave the partition parked
-                # behind a failed record batch, fetching nothing more, while the probe below still
-                # succeeds. A fresh consumer fetches the same offsets again; the streak decides
-                # when a failure that keeps coming back makes the source unready.
-                self.on_error("poll")
-                self._streaks[index].failed(f"consumer {index}: Kafka poll failed ({type(e).__name__}: {e})")
-                raise _PollFailed from e
             for p in list(unverified):
                 hw = consumer.highwater(TopicPartition(self.cfg.topic, p))
                 if hw is not None:  # a fetch response arrived: its high watermark is the log end
@@ -480,18 +506,7 @@ class KafkaSource:
                 last_probe = time.monotonic()
             elif self._streaks[index].since is not None and self._caught_up(consumer, owned):
                 self._streaks[index].ok()  # nothing left to fetch: the error is behind us
-            with self._lock:
-                for p in owned:
-                    hw = consumer.highwater(TopicPartition(self.cfg.topic, p))
-                    if hw is not None:
-                        self.status.highwater[p] = hw
+            self._record_highwater(consumer, owned)
             if not n and time.monotonic() - last_probe > self.probe_every_s:
-                # Idle: make sure the broker is still there (a frozen broker looks idle too).
                 last_probe = time.monotonic()
-                try:
-                    consumer.end_offsets([TopicPartition(self.cfg.topic, owned[0])])
-                    self._set_reachable(True, "Kafka reachable again")
-                except Exception as e:  # noqa: BLE001
-                    self.on_error("probe")
-                    self._set_reachable(False, f"Kafka not answering ({type(e).__name__}); "
-                                               "waiting for it to come back")
+                self._probe(consumer, owned)
