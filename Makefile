@@ -15,6 +15,8 @@ demo: $(VENV)/.demo dataset
 	$(BIN)/streamkd demo
 
 test: $(VENV)/.dev dataset prometheus
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 # The virtual environment. Debian and Ubuntu ship `venv` without ensurepip until python3.X-venv is installed.

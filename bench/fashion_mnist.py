@@ -35,11 +35,11 @@ def main() -> None:
 
     from streamkd import daemon
     from streamkd.commands.broker import EmbeddedBroker, ensure_topics
-    from streamkd.config import load_config
     from streamkd.commands.datasets import load_fashion_mnist
+    from streamkd.commands.produce import dataset_records, produce
+    from streamkd.config import load_config
     from streamkd.learn.evaluation import evaluate
     from streamkd.learn.learner import Learner
-    from streamkd.commands.produce import dataset_records, produce
 
     images, labels = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")

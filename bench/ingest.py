@@ -46,8 +46,8 @@ def bare_consumer(bootstrap: str, topic: str, n: int) -> float:
 
 
 def pipeline(bootstrap: str, topic: str, n: int, mode: str, consumers: int, workers: int, batch: int) -> float:
-    from streamkd.ingest.batcher import Batcher
     from streamkd.config import load_config
+    from streamkd.ingest.batcher import Batcher
     from streamkd.ingest.decode import Limits
     from streamkd.ingest.source import KafkaSource, RecordQueue
 

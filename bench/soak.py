@@ -37,10 +37,10 @@ def main() -> None:
 
     from streamkd import daemon
     from streamkd.commands.broker import EmbeddedBroker, ensure_topics
-    from streamkd.config import load_config
     from streamkd.commands.datasets import load_fashion_mnist
-    from streamkd.logs import setup_logging
     from streamkd.commands.produce import encode_image, make_producer, produce
+    from streamkd.config import load_config
+    from streamkd.logs import setup_logging
 
     setup_logging("text", "WARNING")
     images, _ = load_fashion_mnist("train")

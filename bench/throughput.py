@@ -162,7 +162,7 @@ def measure_naive(cfg, bootstrap: str, topic: str, batch: int, n: int, device: t
     from PIL import Image
 
     from streamkd.learn.loss import kd_loss
-    from streamkd.learn.models import build_model, shipped_teacher_weights, TEACHER_SPEC
+    from streamkd.learn.models import TEACHER_SPEC, build_model, shipped_teacher_weights
 
     t_cfg = cfg.teacher
     weights = t_cfg.weights or (str(shipped_teacher_weights()) if t_cfg.model == TEACHER_SPEC else None)

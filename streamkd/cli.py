@@ -10,9 +10,9 @@ import threading
 
 from streamkd import __version__
 from streamkd.config import ConfigError, load_config
-from streamkd.state.fsutil import DirLockedError
 from streamkd.logs import setup_logging
 from streamkd.shutdown import install_stop_handlers
+from streamkd.state.fsutil import DirLockedError
 
 log = logging.getLogger("streamkd")
 

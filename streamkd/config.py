@@ -15,9 +15,10 @@ import json
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -40,7 +41,7 @@ class KafkaConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = "images"
     group_id: str = "streamkd"
-    dlq_topic: Optional[str] = None
+    dlq_topic: str | None = None
     client_id: str = "streamkd"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     consumers: int = 1  # consumer threads, each owning a share of the partitions
@@ -52,13 +53,13 @@ class KafkaConfig:
     reconnect_backoff_max_ms: int = 10_000
     metadata_refresh_s: float = 30.0  # how often new partitions of the topic are picked up
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Optional[Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]] = None
-    sasl_plain_username: Optional[str] = None
-    sasl_plain_password: Optional[str] = None
-    ssl_cafile: Optional[str] = None
-    ssl_certfile: Optional[str] = None
-    ssl_keyfile: Optional[str] = None
-    ssl_password: Optional[str] = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = None
     ssl_check_hostname: bool = True
     # Poll errors (codec, authorization, a deleted topic) for this long without a record delivered:
     # /readyz fails. The cause is logged as an ERROR at least once a minute while they last.
@@ -90,19 +91,19 @@ class InputConfig:
 @dataclass(frozen=True)
 class TeacherConfig:
     model: str = "streamkd:fmnist_cnn"
-    weights: Optional[str] = None  # None: the shipped weights for streamkd:fmnist_cnn, else random init
+    weights: str | None = None  # None: the shipped weights for streamkd:fmnist_cnn, else random init
     input_size: tuple[int, int] = (28, 28)
     channels: int = 1
     mean: tuple[float, ...] = (0.2860,)
     std: tuple[float, ...] = (0.3530,)
-    num_classes: Optional[int] = None  # None: read from the model's output
+    num_classes: int | None = None  # None: read from the model's output
     # auto: bf16 where the hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX),
     # fp16 on CUDA GPUs without bf16, fp32 elsewhere. The teacher only infers, so no loss scaling is needed.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # The teacher budget: the share of samples the teacher labels (1.0: all). The student scores every
     # sample; the least certain ones go to the teacher, plus a random share that keeps the agreement
     # estimate unbiased. "adaptive": a controller moves it between budget_floor and budget_ceiling.
-    budget: Union[float, Literal["adaptive"]] = 1.0
+    budget: float | Literal["adaptive"] = 1.0
     budget_floor: float = 0.1
     budget_ceiling: float = 1.0
     random_share: float = 0.1  # of every batch, labelled whatever the budget (the unbiased estimate)
@@ -112,12 +113,12 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class StudentConfig:
     model: str = "streamkd:lenet5"
-    num_classes: Optional[int] = None  # None: the teacher's
-    input_size: Optional[tuple[int, int]] = None  # None: the teacher's
-    channels: Optional[int] = None
-    mean: Optional[tuple[float, ...]] = None
-    std: Optional[tuple[float, ...]] = None
-    init: Optional[str] = None  # weights file to start from when no checkpoint exists
+    num_classes: int | None = None  # None: the teacher's
+    input_size: tuple[int, int] | None = None  # None: the teacher's
+    channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    init: str | None = None  # weights file to start from when no checkpoint exists
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ class SnapshotConfig:
     export_threads: int = 1  # CPU threads of the export process (it also runs at a lower priority)
     triton_max_batch_size: int = 64  # config.pbtxt: the largest batch Triton may form
     triton_max_queue_delay_us: int = 100  # config.pbtxt: how long Triton may wait to fill a batch
-    publish_to: Optional[str] = None  # fsspec URL (s3://bucket/prefix, gs://..., file:///...) to upload to
+    publish_to: str | None = None  # fsspec URL (s3://bucket/prefix, gs://..., file:///...) to upload to
     publish_options: Mapping[str, Any] = field(default_factory=dict)  # passed to the fsspec filesystem
     publish_backoff_max_s: float = 60.0  # longest wait between upload retries
 
@@ -213,7 +214,7 @@ class SnapshotConfig:
 class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9400
-    snapshot_token: Optional[str] = None  # bearer token required on /v1/snapshots when set
+    snapshot_token: str | None = None  # bearer token required on /v1/snapshots when set
     max_connections: int = 64  # open HTTP connections; more are answered 503 and closed
     request_timeout_s: float = 300.0  # longest one request may take, a snapshot download included
 
@@ -540,7 +541,7 @@ def validate(cfg: Config) -> None:
 
 
 def _fraction(key: str, value: float, *, zero: bool = True) -> None:
-    if not ((0.0 <= value if zero else 0.0 < value) and value <= 1.0):
+    if not ((value >= 0.0 if zero else value > 0.0) and value <= 1.0):
         raise ConfigError(key, f"must be in {'[0' if zero else '(0'}, 1], got {value}")
 
 

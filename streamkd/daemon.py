@@ -24,28 +24,28 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from prometheus_client import CollectorRegistry
 
+from streamkd.config import Config
+from streamkd.ingest.batcher import Batch
+from streamkd.ingest.intake import KafkaIntake
 from streamkd.learn.accounting import Progress, Reporter, StepAccounting
 from streamkd.learn.labeller import Labelled, Labeller, TeacherBudget
+from streamkd.learn.learner import InputSpec, Learner, Teacher, precision_name, resolve_device, resolve_precision
+from streamkd.learn.models import TEACHER_SPEC, build_model, file_sha256, num_classes_of, shipped_teacher_weights
 from streamkd.learn.trainer import Trainer
-from streamkd.ingest.batcher import Batch
-from streamkd.state.checkpoint import CheckpointStore
-from streamkd.config import Config
-from streamkd.state.fsutil import lock_dirs
+from streamkd.metrics import Metrics
 from streamkd.serve.export import snapshot_extras
 from streamkd.serve.health import Health
-from streamkd.ingest.intake import KafkaIntake
-from streamkd.learn.learner import InputSpec, Learner, Teacher, precision_name, resolve_device, resolve_precision
-from streamkd.metrics import Metrics
-from streamkd.learn.models import TEACHER_SPEC, build_model, file_sha256, num_classes_of, shipped_teacher_weights
-from streamkd.state.persistence import Persistence
 from streamkd.serve.server import HttpServer
+from streamkd.state.checkpoint import CheckpointStore
+from streamkd.state.fsutil import lock_dirs
+from streamkd.state.persistence import Persistence
 from streamkd.state.snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)

@@ -90,7 +90,7 @@ class DaemonProc:
     def __init__(self, config: Path, port: int, log_path: Path, env: dict | None = None):
         self.port = port
         self.log_path = log_path
-        self.log = open(log_path, "ab")
+        self.log = open(log_path, "ab")  # noqa: SIM115 - open for the daemon's life, closed by stop()/kill()
         self.proc = subprocess.Popen([sys.executable, "-m", "streamkd", "run", "-c", str(config)],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
                                      env={**os.environ, **(env or {})})

@@ -4,6 +4,7 @@ and intake pauses when asked."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import queue
 import threading
@@ -49,10 +50,8 @@ def run(recs: list[RawRecord], *, batch_size: int, expect_records: int | None = 
     want = len(recs) if expect_records is None else expect_records
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and sum(x.records for x in batches) < want:
-        try:
+        with contextlib.suppress(queue.Empty):
             batches.append(out.get(timeout=0.1))
-        except queue.Empty:
-            pass
     stop.set()
     b.thread.join(5)
     assert b.error is None
@@ -127,10 +126,8 @@ def test_paused_batcher_leaves_records_in_the_queue() -> None:
         got = 0
         deadline = time.monotonic() + 10
         while got < 5 and time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(queue.Empty):
                 got += out.get(timeout=0.1).records
-            except queue.Empty:
-                pass
         assert got == 5 and len(rq) == 0
     finally:
         stop.set()

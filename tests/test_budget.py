@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from streamkd.learn.budget import (BudgetController, Selection, random_agreement, random_correct, select,
-                                   top2_margin)
+from streamkd.learn.budget import BudgetController, Selection, random_agreement, random_correct, select, top2_margin
 
 
 @pytest.fixture(autouse=True)

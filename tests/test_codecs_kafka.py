@@ -9,9 +9,9 @@ import sys
 import uuid
 
 import pytest
+from conftest import REPO, fmnist_pngs, free_port, write_config
 from kafka import KafkaConsumer
 
-from conftest import REPO, fmnist_pngs, free_port, write_config
 from streamkd.state.snapshot import SnapshotStore
 
 pytestmark = [pytest.mark.kafka]

@@ -4,8 +4,8 @@ file:// target: it trains through every record, and each export comes from a chi
 from __future__ import annotations
 
 import pytest
-
 from conftest import fmnist_pngs, free_port, produce_values, write_config
+
 from streamkd.state.snapshot import SnapshotStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

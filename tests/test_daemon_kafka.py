@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fmnist_pngs, free_port, produce_values, write_config
 from kafka import KafkaConsumer, TopicPartition
 
-from conftest import fmnist_pngs, free_port, produce_values, write_config
-from streamkd.state.fsutil import sha256_file
 from streamkd.serve.pull import pull_once
+from streamkd.state.fsutil import sha256_file
 from streamkd.state.snapshot import SnapshotStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

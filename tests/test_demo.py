@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
-from conftest import REPO
 from streamkd.commands.datasets import load_fashion_mnist
 from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
 from streamkd.learn.preprocess import to_model_input

@@ -646,7 +646,7 @@ def test_compose_producer_streams_the_demo_dataset():
     producer = _compose()["services"]["producer"]
     command = producer["command"]
     assert command[0] == "produce"
-    options = dict(zip(command[1::2], command[2::2]))
+    options = dict(zip(command[1::2], command[2::2], strict=False))
     assert options["--bootstrap-servers"] == "kafka:9092"
     assert options["--topic"] == "images"
     assert options["--dataset"] == "fashion-mnist"

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from streamkd import cli
-from streamkd.learn import models as models_mod
 from streamkd.commands.datasets import load_fashion_mnist
 from streamkd.commands.evaluate import spec_from_manifest
+from streamkd.learn import models as models_mod
 from streamkd.learn.evaluation import agreement, evaluate, predict
 from streamkd.learn.learner import InputSpec
 from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
@@ -45,7 +45,7 @@ def test_accuracy_equals_a_hand_loop(data) -> None:
     images, labels = data
     model = lenet(3).train()
     hand = hand_predictions(lenet(3), images, SPEC)
-    want = sum(int(p == y) for p, y in zip(hand, labels.tolist())) / 200
+    want = sum(int(p == y) for p, y in zip(hand, labels.tolist(), strict=False)) / 200
     got = evaluate(model, images, labels, SPEC, batch_size=64)  # 64 does not divide 200: a short last batch
     assert got == {"acc": want, "n": 200}
     assert model.training  # mode restored
@@ -55,7 +55,7 @@ def test_agreement_equals_a_hand_loop(data) -> None:
     images, _ = data
     a, b = lenet(1), lenet(2)
     pa, pb = hand_predictions(lenet(1), images, SPEC), hand_predictions(lenet(2), images, SPEC)
-    want = sum(int(x == y) for x, y in zip(pa, pb)) / 200
+    want = sum(int(x == y) for x, y in zip(pa, pb, strict=False)) / 200
     assert agreement(a, b, images, SPEC, batch_size=77) == {"agreement": want, "n": 200}
     assert agreement(a, a, images, SPEC)["agreement"] == 1.0
     # Each model gets its own preprocessing: a 3-channel 32 px model on the same 1-channel images.
@@ -63,7 +63,7 @@ def test_agreement_equals_a_hand_loop(data) -> None:
     spec_rgb = InputSpec((32, 32), 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert predict(rgb, images[:10], spec_rgb).shape == (10,)
     prgb = hand_predictions(rgb, images, spec_rgb)
-    want = sum(int(x == y) for x, y in zip(pa, prgb)) / 200
+    want = sum(int(x == y) for x, y in zip(pa, prgb, strict=False)) / 200
     assert agreement(a, rgb, images, SPEC, spec_rgb) == {"agreement": want, "n": 200}
     # With the 1-channel spec the 3-channel model could not run at all: the second spec is what it used.
     with pytest.raises(RuntimeError):
@@ -140,7 +140,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys) -> None:
 def write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor, names: list[str]) -> None:
     from streamkd.commands.produce import encode_image
 
-    for i, (img, y) in enumerate(zip(images, labels.tolist())):
+    for i, (img, y) in enumerate(zip(images, labels.tolist(), strict=False)):
         d = root / names[y]
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{i:04d}.png").write_bytes(encode_image(img)[0])

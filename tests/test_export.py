@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from streamkd import cli
-from streamkd.serve import export as export_mod
 from streamkd.commands.datasets import load_fashion_mnist
+from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
+from streamkd.learn.preprocess import to_model_input
+from streamkd.serve import export as export_mod
 from streamkd.serve.export import (
     FORMATS,
     INPUT_NAME,
@@ -23,8 +25,6 @@ from streamkd.serve.export import (
     load_student,
     snapshot_exporters,
 )
-from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
-from streamkd.learn.preprocess import to_model_input
 from streamkd.state.layout import SnapshotError, check_manifest_model_spec
 from streamkd.state.snapshot import SnapshotStore
 

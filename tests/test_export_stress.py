@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from streamkd.config import TrainConfig
-from streamkd.serve.export import SnapshotExports
 from streamkd.learn.learner import InputSpec, Learner
 from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
+from streamkd.serve.export import SnapshotExports
 from streamkd.state.snapshot import SnapshotStore
 
 STUDENT = {"model": "streamkd:lenet5", "num_classes": 10, "input_shape": [1, 1, 28, 28], "channels": 1,

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from streamkd import daemon
-from streamkd.learn.accounting import Window
-from streamkd.ingest.batcher import Batch
-from streamkd.state.checkpoint import CheckpointStore
 from streamkd.config import load_config
+from streamkd.ingest.batcher import Batch
+from streamkd.learn.accounting import Window
+from streamkd.state.checkpoint import CheckpointStore
 from streamkd.state.snapshot import SnapshotStore
 
 BATCH = 8

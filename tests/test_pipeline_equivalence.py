@@ -10,8 +10,8 @@ import threading
 
 import pytest
 import torch
-
 from conftest import fmnist_pngs
+
 from streamkd import daemon
 from streamkd.commands.broker import ensure_topics
 from streamkd.config import load_config

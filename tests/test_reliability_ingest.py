@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import fmnist_pngs, free_port, produce_values
+
 from streamkd import daemon
 from streamkd.commands.broker import ensure_topics
 from streamkd.config import load_config

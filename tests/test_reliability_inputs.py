@@ -22,12 +22,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch import nn
-
 from conftest import free_port, produce_values, write_config
-from test_reliability_kafka import (FAST, assert_exactly_once, dlq_sources, hooks_env, read_topic,
-                                    snapshot_weights_finite, tiny_npy, wait_committed, where)
+from PIL import Image
+from test_reliability_kafka import (
+    FAST,
+    assert_exactly_once,
+    dlq_sources,
+    hooks_env,
+    read_topic,
+    snapshot_weights_finite,
+    tiny_npy,
+    wait_committed,
+    where,
+)
+from torch import nn
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -128,7 +136,7 @@ def test_decoder_crash_is_quarantined_not_crash_looped(broker, topic, tmp_path, 
     env = hooks_env(tmp_path, STREAMKD_TEST_ABORT_ON=marker.hex())
 
     crashes = 0
-    for start in range(8):  # the supervisor (a Deployment's restart loop)
+    for _start in range(8):  # the supervisor (a Deployment's restart loop)
         d = daemon_factory(config, port, env=env)
         deadline = time.monotonic() + 60
         while d.proc.poll() is None and time.monotonic() < deadline:
@@ -166,7 +174,7 @@ def test_training_crash_is_dead_lettered_not_crash_looped(broker, topic, tmp_pat
     env = hooks_env(tmp_path, STREAMKD_TEST_STEP_CRASH_ON=crash_on)
 
     crashes = 0
-    for start in range(8):  # the supervisor (a Deployment's restart loop)
+    for _start in range(8):  # the supervisor (a Deployment's restart loop)
         d = daemon_factory(config, port, env=env)
         deadline = time.monotonic() + 60
         while d.proc.poll() is None and time.monotonic() < deadline:

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DaemonProc, free_port, produce_values, write_config
 from kafka import KafkaConsumer, TopicPartition
 from safetensors.torch import load_file
 
-from conftest import DaemonProc, free_port, produce_values, write_config
 from streamkd.commands.broker import EmbeddedBroker, ensure_topics
 from streamkd.state.snapshot import SnapshotStore
 
@@ -203,7 +203,7 @@ def test_kill9_three_times_trains_each_record_exactly_once(broker, topic, tmp_pa
     config = write_config(tmp_path, broker.bootstrap, topic, port, **FAST)
 
     d = daemon_factory(config, port)
-    for kill in range(3):
+    for _kill in range(3):
         # A random moment while training: somewhere after 100..900 samples of this process
         # (a checkpoint write, a snapshot publish, a decode, a step: wherever it lands).
         d.wait_metric("streamkd_samples_trained_total", rng.randint(100, 900), timeout=90)

@@ -6,6 +6,7 @@ in test_reliability_kafka.py; these run in seconds and pin the mechanisms.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -21,13 +22,13 @@ import torch
 from kafka.future import Future
 
 import streamkd.ingest.batcher as batcher_mod
-from streamkd.ingest.batcher import Batcher
 from streamkd.config import KafkaConfig
+from streamkd.ingest.batcher import Batcher
 from streamkd.ingest.decode import Limits
-from streamkd.ingest.journal import JOURNAL_FILE, DecodeJournal, chunk_ranges
-from streamkd.state.snapshot import SnapshotStore
 from streamkd.ingest.dlq import DeadLetterError, DeadLetters
+from streamkd.ingest.journal import JOURNAL_FILE, DecodeJournal, chunk_ranges
 from streamkd.ingest.source import KafkaSource, RawRecord, RecordQueue
+from streamkd.state.snapshot import SnapshotStore
 
 
 def npy(value: int = 7) -> bytes:
@@ -106,10 +107,8 @@ def run_batcher(recs: list[RawRecord], journal: DecodeJournal | None) -> tuple[l
     batches = []
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(queue.Empty):
             batches.append(out.get(timeout=0.2))
-        except queue.Empty:
-            pass
         if sum(x.records for x in batches) >= len(recs):
             break
     stop.set()
@@ -450,10 +449,8 @@ def test_gpu_jpeg_decode_is_journaled_and_suspects_go_to_the_cpu(tmp_path: Path)
         batches = []
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and b.error is None and sum(x.records for x in batches) < 4:
-            try:
+            with contextlib.suppress(queue.Empty):
                 batches.append(out.get(timeout=0.1))
-            except queue.Empty:
-                pass
         stop.set()
         b.thread.join(5)
         return batches, b.error

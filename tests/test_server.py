@@ -302,7 +302,7 @@ def test_request_time_is_bounded_even_for_a_client_dripping_headers(store, caplo
                 if s.recv(1024) == b"":
                     closed = True
                     break
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:  # reset: cut as well
                 closed = True

@@ -21,12 +21,12 @@ import torch
 from conftest import REPO
 
 from streamkd import daemon
-from streamkd.config import load_config
 from streamkd.commands.datasets import load_fashion_mnist
-from streamkd.serve.export import snapshot_exporters
+from streamkd.commands.produce import encode_image
+from streamkd.config import load_config
 from streamkd.learn.models import build_model
 from streamkd.learn.preprocess import to_model_input
-from streamkd.commands.produce import encode_image
+from streamkd.serve.export import snapshot_exporters
 from streamkd.state.snapshot import SnapshotStore
 
 README = REPO / "README.md"

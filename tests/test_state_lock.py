@@ -9,8 +9,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, fmnist_pngs, free_port, produce_values, write_config
+
 from streamkd.state.fsutil import LOCK_FILE, DirLockedError, lock_dirs, unlock_dirs
 
 HOLDER = textwrap.dedent("""

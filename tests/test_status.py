@@ -10,10 +10,10 @@ import torch
 from prometheus_client import CollectorRegistry, Counter
 
 from streamkd import cli
+from streamkd.commands.status import collect, parse_metrics, render
 from streamkd.metrics import Metrics
 from streamkd.serve.server import HttpServer
 from streamkd.state.snapshot import SnapshotStore
-from streamkd.commands.status import collect, parse_metrics, render
 
 
 def serve(tmp_path, *, publish: bool = True, extra=None):

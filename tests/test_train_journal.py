@@ -19,7 +19,7 @@ def test_batch_ranges_cover_each_partition_of_the_batch():
 
 def test_three_crashes_in_a_row_condemn_the_records_in_flight(tmp_path):
     j = TrainJournal(tmp_path)
-    for crash in range(3):
+    for _crash in range(3):
         assert not j.condemned(0, 12)
         j.begin_step([(0, 10, 14)])  # the batch that takes the process down
         j = restart(tmp_path)

@@ -10,10 +10,10 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from streamkd.serve.export import SnapshotExports
 from streamkd.learn.models import FMNIST_MEAN, FMNIST_STD, build_model
-from streamkd.state.snapshot import SnapshotStore
+from streamkd.serve.export import SnapshotExports
 from streamkd.serve.triton import CONFIG_FILE, model_config
+from streamkd.state.snapshot import SnapshotStore
 
 STUDENT = {"model": "streamkd:lenet5", "num_classes": 10, "input_shape": [1, 1, 28, 28], "channels": 1,
            "input_size": [28, 28], "mean": list(FMNIST_MEAN), "std": list(FMNIST_STD)}

@@ -109,7 +109,7 @@ def load_fashion_mnist(
             if files is not None:
                 return _load(*files)
             error = "download finished but the files are missing"
-        except Exception as e:  # offline, proxy, disk full ...: all end in the same advice
+        except Exception as e:  # noqa: BLE001 - offline, proxy, disk full ...: all end in the same advice
             error = f"torchvision download failed: {e}"
     searched = ", ".join(str(d) for d in candidates)
     raise DatasetNotFound(

@@ -35,6 +35,8 @@ class LabelledSet:
     skipped: Counter = field(default_factory=Counter)
 
 
+DEFAULT_LIMITS = Limits()  # the daemon's input.* defaults (a frozen dataclass: safe to share)
+
 def read_classes(classes: str | None, classes_file: str | Path | None) -> list[str]:
     """Class names in class-id order, from a comma-separated list or a file with one name per line."""
     if (classes is None) == (classes_file is None):
@@ -71,7 +73,7 @@ def _add(decoded: Decoded, label: int, size: tuple[int, int], channels: int, ima
 
 
 def load_image_folder(root: str | Path, classes: Sequence[str], size: tuple[int, int], channels: int, *,
-                      limit: int | None = None, limits: Limits = Limits()) -> LabelledSet:
+                      limit: int | None = None, limits: Limits = DEFAULT_LIMITS) -> LabelledSet:
     """Images under ``root/<class name>/`` (JPEG, PNG, WebP, NPY; sorted by path) labelled by the position
     of their folder's name in `classes`. Subfolders not in `classes` are an error (a typo would otherwise
     drop a class silently); classes without a folder contribute no images."""
@@ -112,7 +114,7 @@ def load_image_folder(root: str | Path, classes: Sequence[str], size: tuple[int,
 
 
 def load_kafka_topic(bootstrap_servers: str, topic: str, size: tuple[int, int], channels: int, *,
-                     limit: int | None = None, timeout_s: float = 30.0, limits: Limits = Limits(),
+                     limit: int | None = None, timeout_s: float = 30.0, limits: Limits = DEFAULT_LIMITS,
                      client: dict | None = None) -> LabelledSet:
     """Every record of `topic` from the beginning up to the end offsets seen at start (or `limit` images),
     labelled by its ``label`` header. Records without a label or that do not decode are skipped and counted.

@@ -109,9 +109,9 @@ def _teacher(args: argparse.Namespace) -> tuple[nn.Module | None, str | None, st
 
 def _main(args: argparse.Namespace) -> int:
     from streamkd.commands.datasets import DatasetNotFound
+    from streamkd.learn.learner import resolve_device
     from streamkd.serve.export import load_student
     from streamkd.state.layout import SnapshotError, resolve_version_dir
-    from streamkd.learn.learner import resolve_device
 
     def fail(msg: str) -> int:
         print(f"streamkd eval: {msg}", file=sys.stderr)

@@ -21,17 +21,17 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from streamkd.ingest.decode import Decoded, Limits, Rejected, check_decoded_bytes, decode_record
 from streamkd.ingest.gpu_decode import GpuJpegDecoder, JpegRef, check_jpeg
-from streamkd.learn.preprocess import resize_uint8
 from streamkd.ingest.journal import DecodeJournal, TrainJournal, chunk_ranges
 from streamkd.ingest.source import RawRecord, RecordQueue
+from streamkd.learn.preprocess import resize_uint8
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Batch:
     offsets: dict[int, int]  # partition -> next offset, for every partition this batch touched
     records: int  # Kafka records in the batch (rejected ones included)
     first_offsets: dict[int, int]  # partition -> first offset in the batch (for logs on rollback)
-    ready: "torch.cuda.Event | None" = None  # images already on the GPU: wait on this event before use
+    ready: torch.cuda.Event | None = None  # images already on the GPU: wait on this event before use
     partial: bool = False  # the last record here continues in the next batch (take no checkpoint after this one)
 
     @property
@@ -90,7 +90,7 @@ def _check_label(out: Decoded | JpegRef, num_classes: int | None) -> Decoded | J
 class Batcher:
     """Thread: RecordQueue -> decode pool -> Batch queue (size OR max wait)."""
 
-    def __init__(self, records: RecordQueue, out: "queue.Queue[Batch]", *, batch_size: int, max_wait_s: float,
+    def __init__(self, records: RecordQueue, out: queue.Queue[Batch], *, batch_size: int, max_wait_s: float,
                  limits: Limits, size: tuple[int, int], channels: int, workers: int, stop: threading.Event,
                  on_reject: Callable[[RawRecord, Rejected], None], pin_memory: bool = False,
                  journal: DecodeJournal | None = None, gpu: GpuJpegDecoder | None = None,
@@ -169,9 +169,9 @@ class Batcher:
         condemned = [tj.condemned(r.partition, r.offset) for r in recs]
         if not any(condemned):
             return self._decode_chunk(recs)
-        decoded = iter(self._decode_chunk([r for r, c in zip(recs, condemned) if not c]))
+        decoded = iter(self._decode_chunk([r for r, c in zip(recs, condemned, strict=False) if not c]))
         out: list[Decoded | Rejected] = []
-        for rec, doomed in zip(recs, condemned):
+        for rec, doomed in zip(recs, condemned, strict=False):
             if doomed:
                 crashes = tj.crashes(rec.partition, rec.offset)
                 out.append(Rejected("train_crash", f"training crashed the process {crashes} times in a row with "
@@ -242,14 +242,13 @@ class Batcher:
                 wait = 0.05 if not records else max(0.0, min(0.05, started + self.max_wait_s - time.monotonic()))
                 recs = self.records.get_many(chunk, timeout=wait)
             results = self._decode(recs)
-            for rec, res in zip(recs, results):
+            for rec, res in zip(recs, results, strict=False):
                 if isinstance(res, Rejected):
                     self.on_reject(rec, res)
                 else:
                     k = 1 if isinstance(res, JpegRef) else int(res.images.shape[0])
-                    if n and n + k > self.batch_size:  # a record starts a batch unless it fits whole
-                        if not flush():
-                            return
+                    if n and n + k > self.batch_size and not flush():  # a record starts a batch unless it fits
+                        return
                     if isinstance(res, JpegRef):
                         refs.append((rec, res))
                     else:

@@ -12,8 +12,8 @@ is rejected as ``corrupt`` like on the CPU path.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ def check_jpeg(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
                limits: Limits) -> JpegRef | Rejected | None:
     """A JpegRef for a JPEG nvJPEG can decode; Rejected when a limit or header is violated;
     None when the record should take the CPU path (not a JPEG, or a JPEG flavour nvJPEG lacks)."""
-    if not value or not bytes(value[:3]) == b"\xff\xd8\xff":
+    if not value or bytes(value[:3]) != b"\xff\xd8\xff":
         return None
     if len(value) > limits.max_bytes:
         return Rejected("too_large", f"{len(value)} bytes > max_bytes {limits.max_bytes}")

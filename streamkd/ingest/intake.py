@@ -16,13 +16,13 @@ import threading
 
 import torch
 
-from streamkd.ingest.batcher import Batch, Batcher
 from streamkd.config import Config
+from streamkd.ingest.batcher import Batch, Batcher
 from streamkd.ingest.decode import Limits, Rejected
 from streamkd.ingest.dlq import DeadLetters
-from streamkd.metrics import Metrics
 from streamkd.ingest.journal import DecodeJournal, TrainJournal, batch_ranges
 from streamkd.ingest.source import KafkaSource, RawRecord, RecordQueue
+from streamkd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

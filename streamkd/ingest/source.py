@@ -24,8 +24,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from streamkd.backoff import Backoff
 from streamkd.config import KafkaConfig
@@ -492,7 +493,7 @@ class KafkaSource:
                     if pos > hw:
                         self._reposition(consumer, {p: pos}, "resume offset")
             n = 0
-            for tp, records in batches.items():
+            for _tp, records in batches.items():
                 for r in records:
                     rec = RawRecord(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []))
                     if not self.queue.put(rec, self.stop_event):

@@ -28,8 +28,8 @@ record it in the next snapshot's manifest.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import numpy as np
 import torch

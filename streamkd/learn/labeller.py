@@ -14,8 +14,9 @@ Samples the teacher does not label are consumed but not trained on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -10,8 +10,8 @@ uses) and skip the update inside the kernel when it is set.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn

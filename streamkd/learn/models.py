@@ -96,7 +96,7 @@ class ExportedModule(nn.Module):
     def forward(self, *args, **kwargs):
         return self.program(*args, **kwargs)
 
-    def train(self, mode: bool = True) -> "ExportedModule":
+    def train(self, mode: bool = True) -> ExportedModule:
         self.training = mode
         return self
 

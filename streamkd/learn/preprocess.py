@@ -8,7 +8,6 @@ before resizing when that shrinks the work (3->1) and after it when it grows it
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 
 import torch

@@ -152,10 +152,7 @@ def _reload(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor] | No
         opts.intra_op_num_threads = 1  # a few tiny batches; do not contend with training for every core
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})[0])
-    if fmt == "torchscript":
-        m = torch.jit.load(str(path), map_location="cpu")
-    else:
-        m = torch.export.load(str(path)).module()
+    m = torch.jit.load(str(path), map_location="cpu") if fmt == "torchscript" else torch.export.load(str(path)).module()
     return lambda x: m(x).detach()
 
 

@@ -8,7 +8,7 @@ and the intake says it can read (consumer assigned, no persistent errors).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from streamkd.metrics import Metrics
 

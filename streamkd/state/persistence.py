@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from streamkd.learn.accounting import Progress
-from streamkd.state.checkpoint import CheckpointStore, TrainState, is_finite_state
 from streamkd.config import Config
+from streamkd.learn.accounting import Progress
 from streamkd.learn.learner import Learner
 from streamkd.learn.trainer import Trainer
 from streamkd.metrics import Metrics
+from streamkd.state.checkpoint import CheckpointStore, TrainState, is_finite_state
 from streamkd.state.snapshot import MODEL_FILE, NonFiniteWeights, SnapshotStore
 
 log = logging.getLogger(__name__)

@@ -306,7 +306,7 @@ class SnapshotStore:
     # ---- lifecycle -----------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: Any, on_fallback: Callable[[int, str], None] | None = None) -> "SnapshotStore":
+    def from_config(cls, cfg: Any, on_fallback: Callable[[int, str], None] | None = None) -> SnapshotStore:
         """A store for the `snapshot` config section: `dir`, `keep`, and with `publish_to` an
         :class:`~streamkd.state.publish.Uploader` that copies every published version there in the background."""
         store = cls(cfg.dir, keep=cfg.keep, on_fallback=on_fallback)
