@@ -171,7 +171,7 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
     accounting, persistence = parts.accounting, parts.persistence
     prog = accounting.prog
     persistence.resume(prog)  # 1. the newest checkpoint: model, optimizer, and where to read from
-    persistence.commit = intake.commit
+    persistence.commit, persistence.flush_dead_letters = intake.commit, intake.flush_dead_letters
     _start(parts, prog)  # 2. HTTP, warm-up (compile), then the consumers
     reporter = Reporter(metrics, accounting, intake.highwater, cfg.logging.progress_every_s)
     try:

@@ -33,6 +33,8 @@ class MemoryIntake:
         self.checkpoints = checkpoints
         self.steps_begun = self.steps_ended = 0
         self.closed = False
+        self.flushes = 0
+        self.dead_letters_stuck = False
 
     def start(self, offsets):
         self.started_at = dict(offsets)
@@ -50,6 +52,11 @@ class MemoryIntake:
 
     def end_step(self, token):
         self.steps_ended += 1
+
+    def flush_dead_letters(self):
+        self.flushes += 1
+        if self.dead_letters_stuck:
+            raise RuntimeError("3 dead letters not acknowledged within 30 s")
 
     def commit(self, offsets):
         newest = self.checkpoints.load_latest() if self.checkpoints else None
@@ -195,3 +202,17 @@ def test_stop_keeps_what_was_trained_and_closes_the_edges(tmp_path):
     assert intake.commits[-1][0] == {0: 3 * BATCH} and intake.closed
     assert parts.registry.get_sample_value("streamkd_ready") == 0
     assert not parts.health.alive() or parts.health.ready() is False
+
+
+def test_no_checkpoint_covers_dead_letters_that_are_not_acknowledged(tmp_path):
+    """A restart resumes after the checkpoint's offsets: a rejected record inside them whose dead letter is
+    not acknowledged would be lost. So the dead letters are flushed first, and a failed flush means no
+    checkpoint (and no commit) at all."""
+    cfg = config(tmp_path, "checkpoint.every_steps=2")
+    intake = MemoryIntake(batches(6), CheckpointStore(tmp_path / "ck"))
+    intake.dead_letters_stuck = True
+    parts = daemon.build(cfg, intake=intake)
+    run(parts, 6 * BATCH)
+    assert intake.flushes >= 3 and intake.commits == []
+    assert CheckpointStore(tmp_path / "ck").list() == []
+    assert parts.registry.get_sample_value("streamkd_checkpoint_write_failures_total") >= 3

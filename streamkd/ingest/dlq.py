@@ -56,6 +56,10 @@ def producer_config(cfg: KafkaConfig) -> dict[str, Any]:
 
     settings: dict[str, Any] = {
         "acks": "all", "linger_ms": 20, "retries": 10,
+        # Dead letters are delivered at least once (a letter is sent again until acknowledged), so the
+        # idempotent producer buys nothing here, and after a dropped connection it can fail for good
+        # (OutOfOrderSequenceNumber, then no new producer id): a plain producer recovers.
+        "enable_idempotence": False,
         # send() waits this long at most for metadata (a missing topic) or buffer room.
         "max_block_ms": cfg.dlq_max_block_ms,
         # A delivery that the broker never confirms fails after this, and is sent again.

@@ -93,9 +93,12 @@ class KafkaIntake:
             self.train_journal.end_step(token)
 
     # -- offsets and lag -------------------------------------------------------------------------
-    def commit(self, offsets: dict[int, int]) -> None:
-        """Commit offsets that a durable checkpoint covers; dead letters for the records they skip go first."""
+    def flush_dead_letters(self) -> None:
+        """Wait (bounded) until every dead letter so far is acknowledged; raises if they are not."""
         self.dlq.flush()
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit offsets that a durable checkpoint covers (its dead letters were flushed before it was written)."""
         if self.source is not None:
             self.source.commit(offsets)
 

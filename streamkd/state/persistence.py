@@ -1,9 +1,10 @@
 """Persistence: resume, checkpoint and snapshot cadence, and rollback to the last good checkpoint.
 
 Exactly-once into the lineage rests on the order kept here: a checkpoint holds
-the model together with the offsets it covers; the checkpoint is made durable,
-then the dead letters for the records it skips are flushed, and only then are
-its offsets committed to Kafka (``commit`` is the intake's, which flushes first).
+the model together with the offsets it covers; the dead letters for the records
+it skips are acknowledged first (a restart resumes *after* them, so they must
+not be lost), then the checkpoint is made durable, and only then are its offsets
+committed to Kafka.
 Writes run on one background thread, so the loop never waits for the disk; a
 failed write is logged and counted, and the previous checkpoint or snapshot
 stays the newest.
@@ -46,6 +47,7 @@ class Persistence:
         self.trainer = trainer  # replay, EMA, holdout and drift state (checkpointed); the publishing gate
         self.force_requested = False  # an operator asked for a snapshot now, past the gate
         self.commit: Callable[[dict[int, int]], None] = lambda offsets: None  # set to the intake's commit
+        self.flush_dead_letters: Callable[[], None] = lambda: None  # set to the intake's
         self._writer: ThreadPoolExecutor | None = None  # started on the first write, stopped by close()
         self._ckpt: Future | None = None
         self._snap: Future | None = None
@@ -128,6 +130,7 @@ class Persistence:
             self._wait("_ckpt", "checkpoint")
 
     def _write_checkpoint(self, st: TrainState) -> None:
+        self.flush_dead_letters()  # raises when they are not acknowledged: no checkpoint past them
         self.checkpoints.save(st)
         self.metrics.checkpoint_written()
         self.commit(st.offsets.get(self.cfg.kafka.topic, {}))  # never ahead of the durable checkpoint
