@@ -1,7 +1,8 @@
 """Chaos benchmark: kill -9, a frozen broker, a DLQ outage and hostile records against the real daemon, then an audit.
 
     nice python bench/chaos.py [--records 20000] [--kills 3] [--freezes 1] [--freeze-s 15]
-                               [--dlq-outage-s 20] [--second-daemons 1] [--seed N] [--smoke]
+                               [--dlq-outage-s 20] [--dlq-outage-mode hold|cut] [--second-daemons 1]
+                               [--seed N] [--smoke]
 
 Starts its own embedded broker behind a small TCP proxy (the broker advertises
 the proxy, so every client, the daemon's included, talks through it), produces
@@ -32,19 +33,29 @@ committed), one event at a time:
   broker (Tansu) creates any topic a producer names, whatever
   ``allow.auto.create.topics`` says, so "the DLQ topic does not exist yet"
   cannot be staged against it, and a broker freeze stops the consumer too.
-  Instead the proxy cuts every connection that sends a Produce request for
-  the outage's length: only the daemon's dead-letter producer produces, so
-  the DLQ is unreachable while consuming, training and committing keep going.
-  ``kafka.dlq_max_pending`` is set low, so the poison records read during the
-  outage fill the pending set: intake pauses and ``/readyz`` fails until the
-  DLQ accepts them again. ``/readyz`` and ``streamkd_dlq_pending`` are polled
-  through the outage.
+  Instead the proxy stops Produce requests: only the daemon's dead-letter
+  producer produces, so the DLQ is unreachable while fetching and committing
+  keep going. ``--dlq-outage-mode hold`` (the default) leaves each Produce
+  request unanswered until the outage ends, as a hung DLQ broker would
+  (shorter than ``kafka.request_timeout_ms``, so the producer keeps its
+  connection); ``cut`` closes every connection that sends one. Against Tansu,
+  ``cut`` leaves kafka-python's idempotent producer unable to send again
+  (``OutOfOrderSequenceNumberError``, then ``InitProducerId`` refused): the
+  dead letters stay pending and the run ends as ``stalled``.
+  ``kafka.dlq_max_pending`` is set low (``--dlq-max-pending``), so the poison
+  read during the outage fills the pending set: intake pauses and ``/readyz``
+  fails until the DLQ accepts letters again. ``/readyz`` and
+  ``streamkd_dlq_pending`` are polled through the outage.
+  ``--kill-in-dlq-outage`` also kill -9s the daemon at the outage's end, with
+  its held letters dropped.
 * ``--second-daemons`` starts of a second ``streamkd run`` on the same
   checkpoint and snapshot directories (its own metrics port): it must exit
   with code 2 naming the directory and the first daemon's pid, while the
   first (same pid, never restarted by this) keeps training.
 
-When every offset is committed it stops the daemon with SIGTERM and audits.
+When every offset is committed (or the committed offsets have not moved for
+``--stall-s``: ``stalled``) it stops the daemon with SIGTERM and audits.
+``events_skipped``: events still due when the stream ended.
 
 How each number is measured (all from artefacts outside the daemon's memory):
 
@@ -74,7 +85,8 @@ How each number is measured (all from artefacts outside the daemon's memory):
   after a kill, rejects between the last checkpoint and the kill are
   dead-lettered again (at-least-once). ``bad_label``: out-of-range label
   records produced; ``dlq_bad_label``: those in the DLQ as ``bad_label``.
-* ``dlq_outage_s``: total seconds Produce was refused. ``dlq_outage_readyz_failed``:
+* ``dlq_outage_s``: total seconds Produce was stopped; ``trained_during_dlq_outage``:
+  samples the daemon trained meanwhile. ``dlq_outage_readyz_failed``:
   ``/readyz`` answered non-200 during the outage; ``dlq_pending_max``: the
   largest ``streamkd_dlq_pending`` seen; ``dlq_drain_s``: from the end of the
   outage to ``streamkd_dlq_pending`` back at 0.
@@ -466,7 +478,7 @@ def main() -> int:
     ap.add_argument("--freeze-s", type=float, default=15.0)
     ap.add_argument("--dlq-outages", type=int, default=1)
     ap.add_argument("--dlq-outage-s", type=float, default=20.0)
-    ap.add_argument("--dlq-max-pending", type=int, default=16,
+    ap.add_argument("--dlq-max-pending", type=int, default=4,
                     help="kafka.dlq_max_pending for the daemon (low: an outage fills it)")
     ap.add_argument("--dlq-outage-mode", choices=("hold", "cut"), default="hold",
                     help="hold: Produce requests wait unanswered; cut: connections sending one are closed")
@@ -517,11 +529,13 @@ def main() -> int:
             "logging": {"progress_every_s": 5},
         }))
 
-        # Events at random points of the stream (fraction of records committed).
-        events = sorted([(rng.uniform(0.1, 0.85), "kill") for _ in range(args.kills)]
-                        + [(rng.uniform(0.1, 0.85), "freeze") for _ in range(args.freezes)]
-                        + [(rng.uniform(0.1, 0.85), "dlq_outage") for _ in range(args.dlq_outages)]
-                        + [(rng.uniform(0.1, 0.85), "second_daemon") for _ in range(args.second_daemons)])
+        # Events at random points of the stream (fraction of records committed). The daemon trains on
+        # through a DLQ outage and a second daemon's start, so those come first, while most of the
+        # stream (and its poison) is still ahead; events left when the stream ends are counted as skipped.
+        events = sorted([(rng.uniform(0.1, 0.3), "dlq_outage") for _ in range(args.dlq_outages)]
+                        + [(rng.uniform(0.1, 0.3), "second_daemon") for _ in range(args.second_daemons)]
+                        + [(rng.uniform(0.35, 0.85), "kill") for _ in range(args.kills)]
+                        + [(rng.uniform(0.35, 0.85), "freeze") for _ in range(args.freezes)])
         starts = 0
         d = Daemon(config, port, work / f"daemon-{starts}.log")
         recoveries: list[float] = []
@@ -656,6 +670,7 @@ def main() -> int:
             "second_daemon_exit_code": seconds[-1]["exit_code"] if seconds else None,
             "second_daemon_message_ok": all(s["message_ok"] for s in seconds) if seconds else None,
             "first_daemon_untouched": all(s["first_untouched"] for s in seconds) if seconds else None,
+            "events_skipped": len(events),
             "restarts": starts,
             "max_recovery_s": round(max(recoveries), 2) if recoveries else None,
             "cold_start_s": round(cold_start, 2) if cold_start else None,
