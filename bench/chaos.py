@@ -121,8 +121,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import yaml
@@ -163,7 +163,7 @@ def make_records(n: int, poison_rate: float, rng: random.Random) -> tuple[list[t
     reasons = {}
     gen = np.random.default_rng(rng.randrange(1 << 30))
     out = []
-    for i in range(n):
+    for _ in range(n):
         out.append((npy(gen.integers(0, 256, (28, 28), dtype=np.uint8)),
                     [("label", str(rng.randrange(NUM_CLASSES)).encode())] if rng.random() < 0.3 else []))
     for k, i in enumerate(bad):
@@ -201,7 +201,7 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes, list]],
             prod = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
                              "client.id": "chaos-producer", "compression.type": codec})
 
-            def report(err, msg, i):
+            def report(err, msg, i, errors=errors):
                 if err is not None:
                     errors.append(str(err))
                 else:
@@ -332,13 +332,13 @@ class GatedBroker(EmbeddedBroker):
     def bootstrap(self) -> str:
         return f"{self.host}:{self.gate.port}"
 
-    def start(self, timeout_s: float = 20.0) -> "GatedBroker":
+    def start(self, timeout_s: float = 20.0) -> GatedBroker:
         listen, advertised = f"tcp://{self.host}:{self.port}", f"tcp://{self.host}:{self.gate.port}"
-        out = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", advertised,
-             "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_file, "ab") as out:  # the broker keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [broker_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", advertised,
+                 "--storage-engine", "memory://tansu/"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
