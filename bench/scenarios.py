@@ -51,7 +51,7 @@ SCENARIOS = ("stationary", "class-incremental", "shift", "stationary-drift-check
 PLAIN = ("replay.enabled=false", "ema.enabled=false", "gate.enabled=false", "drift.enabled=false",
          "teacher.budget=1.0")
 # Sizes in records. snapshot_every: records between snapshots where a scenario follows the served student
-# over time (shift, poisoned-teacher); test: test images scored (None: all 10k).
+# over time (shift, poisoned-teacher; elsewhere the daemon's own cadence); test: test images scored (None: all).
 FULL = dict(stationary=60_000, phase=12_000, shift=(30_000, 30_000, 10_000), poisoned=20_000, poison=2_000,
             snapshot_every=512, test=None)
 SMOKE = dict(stationary=3_000, phase=600, shift=(1_200, 1_200, 600), poisoned=3_000, poison=320,
@@ -163,12 +163,11 @@ class Run:
     img_s: float
     snap_dir: Path
     topic: str
-    budget: object
+    budget: float | str
     published: list[int]  # snapshot versions in the order they became LATEST
     phase_versions: list[int | None]  # the served version at each phase end
     detections: list[int] | None  # stream positions where the drift counter moved; None: no such metric
     totals: dict[str, float | None]  # END_METRICS at the end of the run (None: not exported)
-    seconds: float
 
 
 class Watch:
@@ -194,7 +193,7 @@ class Watch:
         self.position = prog.records_done
         if self.t0 is None and prog.records_done > 0:
             self.t0, self.r0 = t, prog.records_done
-        self._note_published()
+        self.note_published()
         self._note_drift()
         self._phase_end_snapshot(prog)
         self.paused += time.perf_counter() - t
@@ -211,10 +210,11 @@ class Watch:
         if k < len(self.ends) - 1 and prog.records_done >= self.ends[k]:
             self.parts.accounting.drain()
             self.parts.persistence.snapshot(prog, sync=True)  # the gate, where enabled, may keep the previous one
-            self._note_published()
+            self.note_published()
             self.phase_versions.append(self.published[-1] if self.published else None)
 
-    def _note_published(self) -> None:
+    def note_published(self) -> None:
+        """Append the LATEST version when it changed (a gate-rejected candidate never shows here)."""
         v = metric(self.parts.registry, "streamkd_last_snapshot_version")
         if v and (not self.published or int(v) != self.published[-1]):
             self.published.append(int(v))
@@ -243,7 +243,9 @@ class Bench:
         self.test_x, self.test_y = load_fashion_mnist("test")
         if sizes["test"]:
             self.test_x, self.test_y = self.test_x[: sizes["test"]], self.test_y[: sizes["test"]]
-        self.test_corrupted = corrupt(self.test_x, np.random.default_rng([args.seed, 1]))
+        self.tests = {"clean": self.test_x}  # the test images each snapshot can be scored on (same labels)
+        if args.scenario == "shift":
+            self.tests["corrupted"] = corrupt(self.test_x, np.random.default_rng([args.seed, 1]))
         self.rng = np.random.default_rng(args.seed)
         self.teacher_acc: dict[str, float] = {}
         self.device = "cpu"
@@ -254,17 +256,13 @@ class Bench:
         budget = [f"teacher.budget={self.args.budget}"] if self.args.budget is not None else []
         return [f"train.seed={self.args.seed}", *self.args.set, *budget, *extra]
 
-    def run(self, name: str, topic: str, stream: Stream, overrides: list[str], *,
+    def run(self, name: str, topic: str, stream: Stream, overrides: list[str], *, follow: bool = False,
             poison: tuple[int, int] | None = None) -> Run:
+        """One daemon run over ``stream``. ``follow``: a snapshot every ``sizes['snapshot_every']`` records
+        (else the daemon's own cadence); ``poison``: the teacher's logits are random in that record window."""
         from streamkd import daemon
-        from streamkd.config import load_config
 
-        state = self.workdir / name
-        base = [f"kafka.bootstrap_servers={self.bootstrap}", f"kafka.topic={topic}", f"kafka.group_id={name}",
-                f"checkpoint.dir={state}/ckpt", f"snapshot.dir={state}/snap", "snapshot.keep=100000",
-                f"snapshot.every_steps={self.snapshot_steps(overrides)}", "snapshot.every_seconds=86400",
-                "metrics.port=0", "logging.progress_every_s=30"]
-        cfg = load_config(None, [*base, *overrides], env={})
+        cfg = self.config(name, topic, overrides, follow)
         parts = daemon.build(cfg)
         self.device = parts.device
         self._teacher_accuracy(parts)
@@ -272,31 +270,37 @@ class Bench:
         if poison is not None:
             parts.teacher = PoisonedTeacher(parts.teacher, poison, lambda: watch.position, self.args.seed)
         log(f"run {name}: {stream.phase_ends[-1]} records, overrides {overrides}")
-        t = time.monotonic()
         daemon.run(parts, threading.Event(), on_progress=watch.on_progress, stop_when=watch.stop_when)
-        watch._note_published()  # the final snapshot, written as the loop stopped
-        totals = {name: metric(parts.registry, name) for name in END_METRICS}
+        watch.note_published()  # the final snapshot, written as the loop stopped
+        totals = {m: metric(parts.registry, m) for m in END_METRICS}
         run = Run(name, stream.phase_ends[-1], watch.img_s(), Path(cfg.snapshot.dir), topic, cfg.teacher.budget,
                   watch.published, watch.phase_versions,
-                  None if totals["streamkd_drift_detected_total"] is None else watch.detections,
-                  totals, time.monotonic() - t)
+                  None if totals["streamkd_drift_detected_total"] is None else watch.detections, totals)
         log(f"run {name}: {run.img_s:.0f} img/s, {len(run.published)} snapshots published")
         return run
 
-    def snapshot_steps(self, overrides: list[str]) -> int:
-        """Snapshot cadence in steps for ``sizes['snapshot_every']`` records (the batch size may be overridden)."""
-        batch = [o.split("=", 1)[1] for o in overrides if o.startswith("train.batch_size=")]
-        return max(1, self.sizes["snapshot_every"] // int(batch[-1] if batch else 32))
+    def config(self, name: str, topic: str, overrides: list[str], follow: bool):
+        """The run's config: its own consumer group and state directory, ``overrides`` last."""
+        from streamkd.config import load_config
+
+        state = self.workdir / name
+        base = [f"kafka.bootstrap_servers={self.bootstrap}", f"kafka.topic={topic}", f"kafka.group_id={name}",
+                f"checkpoint.dir={state}/ckpt", f"snapshot.dir={state}/snap", "snapshot.keep=100000",
+                "metrics.port=0", "logging.progress_every_s=30"]
+        cfg = load_config(None, [*base, *overrides], env={})
+        if not follow:
+            return cfg
+        steps = max(1, self.sizes["snapshot_every"] // cfg.train.batch_size)
+        return load_config(None, [*base, f"snapshot.every_steps={steps}", "snapshot.every_seconds=86400",
+                                  *overrides], env={})
 
     def _teacher_accuracy(self, parts) -> None:
         from streamkd.commands.evaluate import evaluate
 
         if self.teacher_acc:
             return
-        for name, x in (("clean", self.test_x), ("corrupted", self.test_corrupted)):
-            if name == "corrupted" and self.args.scenario != "shift":
-                continue
-            self.teacher_acc[name] = evaluate(parts.teacher.model, x, self.test_y, parts.teacher.spec,
+        for test, x in self.tests.items():
+            self.teacher_acc[test] = evaluate(parts.teacher.model, x, self.test_y, parts.teacher.spec,
                                               device=parts.device)["acc"]
         log(f"teacher on the test split: {self.teacher_acc}")
 
@@ -305,13 +309,12 @@ class Bench:
         """Accuracy of snapshot ``version`` of ``run`` on the clean or corrupted test images (of ``classes``)."""
         if version is None:
             return None
+        from streamkd.commands.evaluate import evaluate
+
         key = (run.name, version, test, classes)
         if key not in self._evals:
             model, spec = self._load(run, version)
-            from streamkd.commands.evaluate import evaluate
-
-            x = self.test_x if test == "clean" else self.test_corrupted
-            y = self.test_y
+            x, y = self.tests[test], self.test_y
             if classes is not None:
                 keep = torch.isin(y, torch.tensor(classes))
                 x, y = x[keep], y[keep]
@@ -344,7 +347,8 @@ def common(bench: Bench, run: Run) -> dict:
     teacher = bench.teacher_acc["clean"]
     return {"teacher_acc": round(teacher, 4), "student_acc": _r(student),
             "student_over_teacher": _r(student / teacher if student is not None else None),
-            "img_s": round(run.img_s, 1), "teacher_calls_fraction": _r(calls_fraction(run))}
+            "img_s": round(run.img_s, 1), "teacher_calls_fraction": _r(calls_fraction(run)),
+            "teacher_budget_at_end": _r(run.totals["streamkd_teacher_budget_ratio"]), "records": run.records}
 
 
 def calls_fraction(run: Run) -> float | None:
@@ -425,8 +429,8 @@ def shift(bench: Bench) -> dict:
     stream = shift_stream(bench.train_x, bench.sizes["shift"], bench.rng)
     produce_stream(bench.bootstrap, "shift", stream)
     at, end = stream.phase_ends[0], stream.phase_ends[1]
-    main = bench.run("main", "shift", stream, bench.overrides())
-    ref = bench.run("no-detector", "shift", stream, bench.overrides("drift.enabled=false"))
+    main = bench.run("main", "shift", stream, bench.overrides(), follow=True)
+    ref = bench.run("no-detector", "shift", stream, bench.overrides("drift.enabled=false"), follow=True)
     ends = [*main.phase_versions, latest(main)]
     phases = [{"clean": _r(bench.served_acc(main, v)), "corrupted": _r(bench.served_acc(main, v, "corrupted"))}
               for v in ends]
@@ -467,8 +471,9 @@ def poisoned_teacher(bench: Bench) -> dict:
     stream = stationary_stream(bench.train_x, n, bench.rng)
     produce_stream(bench.bootstrap, "poisoned", stream)
     window = (n // 2, n // 2 + k)
-    gated = bench.run("gate", "poisoned", stream, bench.overrides("gate.enabled=true"), poison=window)
-    ungated = bench.run("no-gate", "poisoned", stream, bench.overrides("gate.enabled=false"), poison=window)
+    gated = bench.run("gate", "poisoned", stream, bench.overrides("gate.enabled=true"), follow=True, poison=window)
+    ungated = bench.run("no-gate", "poisoned", stream, bench.overrides("gate.enabled=false"), follow=True,
+                        poison=window)
     regressed, accs = regressions(bench, gated)
     regressed_ungated, accs_ungated = regressions(bench, ungated)
     out = common(bench, gated)
