@@ -368,17 +368,17 @@ def _r(x: float | None, digits: int = 4) -> float | None:
 def stationary(bench: Bench) -> dict:
     stream = stationary_stream(bench.train_x, bench.sizes["stationary"], bench.rng)
     produce_stream(bench.bootstrap, "stationary", stream)
-    main = bench.run("main", "stationary", stream, bench.overrides())
+    configured = bench.run("configured", "stationary", stream, bench.overrides())
     plain = bench.run("plain", "stationary", stream, bench.overrides(*PLAIN))
-    out = common(bench, main)
+    out = common(bench, configured)
     plain_acc = bench.served_acc(plain, latest(plain))
     out.update(plain_student_acc=_r(plain_acc), plain_img_s=round(plain.img_s, 1),
-               throughput_ratio=round(main.img_s / plain.img_s, 3))
+               throughput_ratio=round(configured.img_s / plain.img_s, 3))
     if bench.args.budget is not None:
-        full = main if bench.args.budget == "1.0" else bench.run("full", "stationary", stream,
+        full = configured if bench.args.budget == "1.0" else bench.run("full", "stationary", stream,
                                                                  bench.overrides("teacher.budget=1.0"))
         out.update(full_budget_acc=_r(bench.served_acc(full, latest(full))), full_budget_img_s=round(full.img_s, 1),
-                   speedup_vs_full=round(main.img_s / full.img_s, 3))
+                   speedup_vs_full=round(configured.img_s / full.img_s, 3))
     return out
 
 
@@ -398,13 +398,13 @@ def forgetting(bench: Bench, run: Run) -> tuple[float | None, float | None, list
 def class_incremental(bench: Bench) -> dict:
     stream = class_incremental_stream(bench.train_x, bench.train_y, bench.sizes["phase"], bench.rng)
     produce_stream(bench.bootstrap, "class-incremental", stream)
-    main = bench.run("main", "class-incremental", stream, bench.overrides())
+    configured = bench.run("configured", "class-incremental", stream, bench.overrides())
     plain = bench.run("plain", "class-incremental", stream, bench.overrides(*PLAIN))
-    final, mean, table = forgetting(bench, main)
+    final, mean, table = forgetting(bench, configured)
     plain_final, plain_mean, _ = forgetting(bench, plain)
-    out = common(bench, main)
+    out = common(bench, configured)
     out.update(final_acc=_r(final), mean_forgetting=_r(mean),
-               buffer_samples=main.totals["streamkd_replay_buffer_samples"], plain_final_acc=_r(plain_final),
+               buffer_samples=configured.totals["streamkd_replay_buffer_samples"], plain_final_acc=_r(plain_final),
                plain_mean_forgetting=_r(plain_mean), plain_img_s=round(plain.img_s, 1),
                phase_acc=[[_r(a) for a in row] for row in table])
     return out
@@ -429,19 +429,18 @@ def shift(bench: Bench) -> dict:
     stream = shift_stream(bench.train_x, bench.sizes["shift"], bench.rng)
     produce_stream(bench.bootstrap, "shift", stream)
     at, end = stream.phase_ends[0], stream.phase_ends[1]
-    main = bench.run("main", "shift", stream, bench.overrides(), follow=True)
+    configured = bench.run("configured", "shift", stream, bench.overrides(), follow=True)
     ref = bench.run("no-detector", "shift", stream, bench.overrides("drift.enabled=false"), follow=True)
-    ends = [*main.phase_versions, latest(main)]
-    phases = [{"clean": _r(bench.served_acc(main, v)), "corrupted": _r(bench.served_acc(main, v, "corrupted"))}
-              for v in ends]
-    out = common(bench, main)
+    ends = [*configured.phase_versions, latest(configured)]
+    phases = [{test: _r(bench.served_acc(configured, v, test)) for test in ("clean", "corrupted")} for v in ends]
+    out = common(bench, configured)
     out.update(teacher_corrupted_acc=round(bench.teacher_acc["corrupted"], 4),
-               detection_delay=first_after(main.detections, at),
-               false_alarms=None if main.detections is None else sum(p < at for p in main.detections),
-               recovery_samples=recovery(curve(bench, main, "corrupted"), at, end),
+               detection_delay=first_after(configured.detections, at),
+               false_alarms=None if configured.detections is None else sum(p < at for p in configured.detections),
+               recovery_samples=recovery(curve(bench, configured, "corrupted"), at, end),
                recovery_samples_without_detector=recovery(curve(bench, ref, "corrupted"), at, end),
                corrupted_acc=phases[1]["corrupted"], clean_acc_before_shift=phases[0]["clean"],
-               clean_acc_after=phases[2]["clean"], phases=phases, detections=main.detections,
+               clean_acc_after=phases[2]["clean"], phases=phases, detections=configured.detections,
                no_detector_img_s=round(ref.img_s, 1))
     return out
 
@@ -454,9 +453,10 @@ def first_after(detections: list[int] | None, at: int) -> int | None:
 def drift_check(bench: Bench) -> dict:
     stream = stationary_stream(bench.train_x, bench.sizes["stationary"], bench.rng)
     produce_stream(bench.bootstrap, "stationary", stream)
-    main = bench.run("main", "stationary", stream, bench.overrides())
-    out = common(bench, main)
-    out.update(false_alarms=None if main.detections is None else len(main.detections), detections=main.detections)
+    configured = bench.run("configured", "stationary", stream, bench.overrides())
+    out = common(bench, configured)
+    detections = configured.detections
+    out.update(false_alarms=None if detections is None else len(detections), detections=detections)
     return out
 
 
