@@ -1,0 +1,538 @@
+"""Scenario benchmark: the real daemon on streams whose content changes, against the plain loop.
+
+Streams built from Fashion-MNIST (unlabelled PNG records, one partition so the order is exact) go
+through an embedded broker into the real daemon (``daemon.build`` + ``daemon.run``, in-process). The
+*served* student is scored: each published snapshot is loaded from the snapshot directory and evaluated
+on the Fashion-MNIST test split, beside the teacher on the same split.
+
+Scenarios (``--scenario``):
+
+* ``stationary``: the 60k training images, one pass, shuffled with the seed. The plain loop runs in the
+  same invocation; with ``--budget`` the same configuration at budget 1.0 runs as well.
+* ``class-incremental``: 5 phases of 2 classes (0-1, 2-3, ...), each phase shuffled. A snapshot is taken at
+  every phase end. ``mean_forgetting``: over phases 1..4, the best accuracy on that phase's classes at its
+  own or any later phase end (before the last), minus the accuracy on them at the end.
+* ``shift``: 30k clean, 30k corrupted (lower contrast and gaussian noise, from the seed), 10k clean.
+  Accuracy on the clean and the corrupted test sets after each phase. ``detection_delay``: records after
+  the change until ``streamkd_drift_detected_total`` moves. ``recovery_samples``: records after the change
+  until a published snapshot's corrupted-test accuracy is within 1 point of its plateau (the mean over the
+  last quarter of the corrupted phase). The same run without the detector runs as the reference.
+* ``stationary-drift-check``: drift detections over the stationary stream (all of them false alarms).
+* ``poisoned-teacher``: for 2k records mid-stream the teacher's logits are replaced by random ones.
+  ``regressed_published``: published snapshots whose clean-test accuracy is more than 1 point below the
+  previous published one's; run with the gate and without it.
+
+"plain" is the same daemon with replay, EMA, gate, drift handling off and the full teacher budget.
+``--set key=value`` overrides apply to every run (the plain one gets its own settings on top).
+Daemon metrics that are not exported yield ``null``, never zero. ``--smoke`` shrinks every size (a check
+of the script itself; its numbers mean little). The last line of output is one JSON object.
+
+Usage: python bench/scenarios.py --scenario=NAME [--budget=F|adaptive] [--seed S] [--smoke] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+SCENARIOS = ("stationary", "class-incremental", "shift", "stationary-drift-check", "poisoned-teacher")
+PLAIN = ("replay.enabled=false", "ema.enabled=false", "gate.enabled=false", "drift.enabled=false",
+         "teacher.budget=1.0")
+# Sizes in records. snapshot_every: records between snapshots where a scenario follows the served student
+# over time (shift, poisoned-teacher; elsewhere the daemon's own cadence); test: test images scored (None: all).
+FULL = dict(stationary=60_000, phase=12_000, shift=(30_000, 30_000, 10_000), poisoned=20_000, poison=2_000,
+            snapshot_every=512, test=None)
+SMOKE = dict(stationary=3_000, phase=600, shift=(1_200, 1_200, 600), poisoned=3_000, poison=320,
+             snapshot_every=160, test=1_000)
+CONTRAST, NOISE_STD = 0.5, 0.05  # the corruption: pixel values scaled by CONTRAST, plus N(0, NOISE_STD) of range
+PHASE_CLASSES = tuple((2 * k, 2 * k + 1) for k in range(5))  # class-incremental: the classes of each phase
+END_METRICS = ("streamkd_drift_detected_total", "streamkd_teacher_calls_total", "streamkd_teacher_budget_ratio",
+               "streamkd_snapshot_gate_rejections_total", "streamkd_replay_buffer_samples")
+REGRESSION = 0.01  # a published snapshot this much below the previous one on the clean test set regressed
+RECOVERED = 0.01  # within this of the post-shift plateau
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- streams -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """Images in stream order and where each phase ends (record counts, the last one is the length)."""
+
+    images: torch.Tensor  # uint8 N×1×28×28
+    phase_ends: list[int]
+
+
+def corrupt(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Low contrast plus gaussian noise: uint8 N×C×H×W -> uint8, same shape."""
+    f = images.numpy().astype(np.float32) / 255.0 * CONTRAST
+    f += rng.normal(0.0, NOISE_STD, f.shape).astype(np.float32)
+    return torch.from_numpy(np.clip(np.rint(f * 255.0), 0, 255).astype(np.uint8))
+
+
+def stationary_stream(train_x: torch.Tensor, n: int, rng: np.random.Generator) -> Stream:
+    order = rng.permutation(len(train_x))[:n]
+    return Stream(train_x[torch.from_numpy(order)], [n])
+
+
+def class_incremental_stream(train_x: torch.Tensor, train_y: torch.Tensor, per_phase: int,
+                             rng: np.random.Generator) -> Stream:
+    """Phase k holds classes 2k and 2k+1 only (``per_phase`` records of them, shuffled)."""
+    parts = []
+    for classes in PHASE_CLASSES:
+        idx = torch.nonzero(torch.isin(train_y, torch.tensor(classes))).flatten().numpy()
+        parts.append(train_x[torch.from_numpy(rng.permutation(idx)[:per_phase])])
+    ends = list(np.cumsum([len(p) for p in parts]))
+    return Stream(torch.cat(parts), [int(e) for e in ends])
+
+
+def shift_stream(train_x: torch.Tensor, sizes: tuple[int, int, int], rng: np.random.Generator) -> Stream:
+    """Clean, then corrupted (other images), then clean again (a fresh draw)."""
+    clean, corrupted, back = sizes
+    order = rng.permutation(len(train_x))
+    first = train_x[torch.from_numpy(order[:clean])]
+    second = corrupt(train_x[torch.from_numpy(order[clean:clean + corrupted])], rng)
+    third = train_x[torch.from_numpy(rng.permutation(len(train_x))[:back])]
+    return Stream(torch.cat([first, second, third]), [clean, clean + corrupted, clean + corrupted + back])
+
+
+def produce_stream(bootstrap: str, topic: str, stream: Stream) -> None:
+    from streamkd.commands.broker import ensure_topics
+    from streamkd.commands.produce import dataset_records, produce
+
+    ensure_topics(bootstrap, {topic: 1})
+    n = len(stream.images)
+    t = time.monotonic()
+    produce(dataset_records(stream.images, None, "png", np.arange(n)), bootstrap, topic, progress=False, total=n)
+    log(f"produced {n} PNG records into {topic} in {time.monotonic() - t:.1f} s")
+
+
+# ---- reading the daemon --------------------------------------------------------------------------------
+
+
+def metric(registry, name: str) -> float | None:
+    """Sum of the samples called ``name`` (over labels); None when the daemon exports no such series."""
+    values = [s.value for family in registry.restricted_registry([name]).collect()
+              for s in family.samples if s.name == name]
+    return sum(values) if values else None
+
+
+class PoisonedTeacher:
+    """The teacher, except that while the stream position is in ``window`` its logits are random.
+
+    Random logits have the teacher's own spread, so they look as confident as real ones.
+    """
+
+    def __init__(self, teacher, window: tuple[int, int], position: Callable[[], int], seed: int):
+        self.teacher, self.window, self.position = teacher, window, position
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __getattr__(self, name: str):
+        return getattr(self.teacher, name)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.teacher(images)
+        if not self.window[0] <= self.position() < self.window[1]:
+            return logits
+        noise = torch.randn(logits.shape, generator=self.gen).to(logits.device)
+        return noise * logits.std() + logits.mean()
+
+
+@dataclass
+class Run:
+    """What one daemon run left behind."""
+
+    name: str
+    records: int
+    img_s: float
+    snap_dir: Path
+    topic: str
+    budget: float | str
+    published: list[int]  # snapshot versions in the order they became LATEST
+    phase_versions: list[int | None]  # the served version at each phase end
+    detections: list[int] | None  # stream positions where the drift counter moved; None: no such metric
+    totals: dict[str, float | None]  # END_METRICS at the end of the run (None: not exported)
+
+
+class Watch:
+    """The run's callbacks: stream position, throughput clock, published versions, drift, phase-end snapshots.
+
+    Time spent here (and in forced snapshots) is kept out of the throughput figure.
+    """
+
+    def __init__(self, parts, stream: Stream):
+        self.parts, self.ends = parts, stream.phase_ends
+        self.position = 0
+        self.t0: float | None = None
+        self.r0 = 0
+        self.t1 = 0.0
+        self.paused = 0.0
+        self.published: list[int] = []
+        self.phase_versions: list[int | None] = []
+        self.drift_seen = 0.0
+        self.detections: list[int] = []
+
+    def on_progress(self, prog) -> None:
+        t = time.perf_counter()
+        self.position = prog.records_done
+        if self.t0 is None and prog.records_done > 0:
+            self.t0, self.r0 = t, prog.records_done
+        self.note_published()
+        self._note_drift()
+        self._phase_end_snapshot(prog)
+        self.paused += time.perf_counter() - t
+
+    def stop_when(self, prog) -> bool:
+        if prog.records_done < self.ends[-1]:
+            return False
+        self.t1 = time.perf_counter()
+        return True
+
+    def _phase_end_snapshot(self, prog) -> None:
+        """At each phase end but the last (the loop's final snapshot is that one), snapshot now."""
+        k = len(self.phase_versions)
+        if k < len(self.ends) - 1 and prog.records_done >= self.ends[k]:
+            self.parts.accounting.drain()
+            self.parts.persistence.snapshot(prog, sync=True)  # the gate, where enabled, may keep the previous one
+            self.note_published()
+            self.phase_versions.append(self.published[-1] if self.published else None)
+
+    def note_published(self) -> None:
+        """Append the LATEST version when it changed (a gate-rejected candidate never shows here)."""
+        v = metric(self.parts.registry, "streamkd_last_snapshot_version")
+        if v and (not self.published or int(v) != self.published[-1]):
+            self.published.append(int(v))
+
+    def _note_drift(self) -> None:
+        d = metric(self.parts.registry, "streamkd_drift_detected_total")
+        if d is not None and d > self.drift_seen:
+            self.detections += [self.position] * int(d - self.drift_seen)
+            self.drift_seen = d
+
+    def img_s(self) -> float:
+        return (self.ends[-1] - self.r0) / max(self.t1 - self.t0 - self.paused, 1e-9)
+
+
+# ---- the bench -----------------------------------------------------------------------------------------
+
+
+class Bench:
+    """One broker, one stream topic, the test sets, and the daemon runs of one invocation."""
+
+    def __init__(self, args: argparse.Namespace, sizes: dict, bootstrap: str, workdir: Path):
+        from streamkd.commands.datasets import load_fashion_mnist
+
+        self.args, self.sizes, self.bootstrap, self.workdir = args, sizes, bootstrap, workdir
+        self.train_x, self.train_y = load_fashion_mnist("train")
+        self.test_x, self.test_y = load_fashion_mnist("test")
+        if sizes["test"]:
+            self.test_x, self.test_y = self.test_x[: sizes["test"]], self.test_y[: sizes["test"]]
+        self.tests = {"clean": self.test_x}  # the test images each snapshot can be scored on (same labels)
+        if args.scenario == "shift":
+            self.tests["corrupted"] = corrupt(self.test_x, np.random.default_rng([args.seed, 1]))
+        self.rng = np.random.default_rng(args.seed)
+        self.teacher_acc: dict[str, float] = {}
+        self.device = "cpu"
+        self._evals: dict[tuple, float] = {}
+
+    def overrides(self, *extra: str) -> list[str]:
+        """The configured daemon: the user's --set (and --budget), then ``extra``."""
+        budget = [f"teacher.budget={self.args.budget}"] if self.args.budget is not None else []
+        return [f"train.seed={self.args.seed}", *self.args.set, *budget, *extra]
+
+    def run(self, name: str, topic: str, stream: Stream, overrides: list[str], *, follow: bool = False,
+            poison: tuple[int, int] | None = None) -> Run:
+        """One daemon run over ``stream``. ``follow``: a snapshot every ``sizes['snapshot_every']`` records
+        (else the daemon's own cadence); ``poison``: the teacher's logits are random in that record window."""
+        from streamkd import daemon
+
+        cfg = self.config(name, topic, overrides, follow)
+        parts = daemon.build(cfg)
+        self.device = parts.device
+        self._teacher_accuracy(parts)
+        watch = Watch(parts, stream)
+        if poison is not None:
+            parts.teacher = PoisonedTeacher(parts.teacher, poison, lambda: watch.position, self.args.seed)
+        log(f"run {name}: {stream.phase_ends[-1]} records, overrides {overrides}")
+        daemon.run(parts, threading.Event(), on_progress=watch.on_progress, stop_when=watch.stop_when)
+        watch.note_published()  # the final snapshot, written as the loop stopped
+        totals = {m: metric(parts.registry, m) for m in END_METRICS}
+        run = Run(name, stream.phase_ends[-1], watch.img_s(), Path(cfg.snapshot.dir), topic, cfg.teacher.budget,
+                  watch.published, watch.phase_versions,
+                  None if totals["streamkd_drift_detected_total"] is None else watch.detections, totals)
+        log(f"run {name}: {run.img_s:.0f} img/s, {len(run.published)} snapshots published")
+        return run
+
+    def config(self, name: str, topic: str, overrides: list[str], follow: bool):
+        """The run's config: its own consumer group and state directory, ``overrides`` last."""
+        from streamkd.config import load_config
+
+        state = self.workdir / name
+        base = [f"kafka.bootstrap_servers={self.bootstrap}", f"kafka.topic={topic}", f"kafka.group_id={name}",
+                f"checkpoint.dir={state}/ckpt", f"snapshot.dir={state}/snap", "snapshot.keep=100000",
+                "metrics.port=0", "logging.progress_every_s=30"]
+        cfg = load_config(None, [*base, *overrides], env={})
+        if not follow:
+            return cfg
+        steps = max(1, self.sizes["snapshot_every"] // cfg.train.batch_size)
+        return load_config(None, [*base, f"snapshot.every_steps={steps}", "snapshot.every_seconds=86400",
+                                  *overrides], env={})
+
+    def _teacher_accuracy(self, parts) -> None:
+        from streamkd.commands.evaluate import evaluate
+
+        if self.teacher_acc:
+            return
+        for test, x in self.tests.items():
+            self.teacher_acc[test] = evaluate(parts.teacher.model, x, self.test_y, parts.teacher.spec,
+                                              device=parts.device)["acc"]
+        log(f"teacher on the test split: {self.teacher_acc}")
+
+    def served_acc(self, run: Run, version: int | None, test: str = "clean",
+                   classes: tuple[int, ...] | None = None) -> float | None:
+        """Accuracy of snapshot ``version`` of ``run`` on the clean or corrupted test images (of ``classes``)."""
+        if version is None:
+            return None
+        from streamkd.commands.evaluate import evaluate
+
+        key = (run.name, version, test, classes)
+        if key not in self._evals:
+            model, spec = self._load(run, version)
+            x, y = self.tests[test], self.test_y
+            if classes is not None:
+                keep = torch.isin(y, torch.tensor(classes))
+                x, y = x[keep], y[keep]
+            self._evals[key] = evaluate(model, x, y, spec, device=self.device)["acc"]
+        return self._evals[key]
+
+    def position(self, run: Run, version: int) -> int:
+        """Records the stream had delivered into snapshot ``version`` (its manifest's offsets)."""
+        from streamkd.serve.export import read_manifest
+
+        offsets = read_manifest(run.snap_dir / str(version), verify=False)["offsets"].get(run.topic, {})
+        return int(sum(offsets.values()))
+
+    @staticmethod
+    def _load(run: Run, version: int):
+        from streamkd.commands.evaluate import spec_from_manifest
+        from streamkd.serve.export import load_student
+
+        model, manifest = load_student(run.snap_dir / str(version))
+        return model, spec_from_manifest(manifest["student"])
+
+
+def latest(run: Run) -> int | None:
+    return run.published[-1] if run.published else None
+
+
+def common(bench: Bench, run: Run) -> dict:
+    """The keys every scenario reports, for ``run`` (the configured daemon)."""
+    student = bench.served_acc(run, latest(run))
+    teacher = bench.teacher_acc["clean"]
+    return {"teacher_acc": round(teacher, 4), "student_acc": _r(student),
+            "student_over_teacher": _r(student / teacher if student is not None else None),
+            "img_s": round(run.img_s, 1), "teacher_calls_fraction": _r(calls_fraction(run)),
+            "teacher_budget_at_end": _r(run.totals["streamkd_teacher_budget_ratio"]), "records": run.records}
+
+
+def calls_fraction(run: Run) -> float | None:
+    calls = run.totals["streamkd_teacher_calls_total"]
+    if calls is not None:
+        return calls / run.records
+    return 1.0 if run.budget in (1, 1.0) else None
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+# ---- scenarios -----------------------------------------------------------------------------------------
+
+
+def stationary(bench: Bench) -> dict:
+    stream = stationary_stream(bench.train_x, bench.sizes["stationary"], bench.rng)
+    produce_stream(bench.bootstrap, "stationary", stream)
+    configured = bench.run("configured", "stationary", stream, bench.overrides())
+    plain = bench.run("plain", "stationary", stream, bench.overrides(*PLAIN))
+    out = common(bench, configured)
+    plain_acc = bench.served_acc(plain, latest(plain))
+    out.update(plain_student_acc=_r(plain_acc), plain_img_s=round(plain.img_s, 1),
+               throughput_ratio=round(configured.img_s / plain.img_s, 3))
+    if bench.args.budget is not None:
+        full = configured if bench.args.budget == "1.0" else bench.run("full", "stationary", stream,
+                                                                 bench.overrides("teacher.budget=1.0"))
+        out.update(full_budget_acc=_r(bench.served_acc(full, latest(full))), full_budget_img_s=round(full.img_s, 1),
+                   speedup_vs_full=round(configured.img_s / full.img_s, 3))
+    return out
+
+
+def forgetting(bench: Bench, run: Run) -> tuple[float | None, float | None, list[list[float | None]]]:
+    """(final accuracy on all classes, mean forgetting, accuracy[phase end][phase classes])."""
+    ends = [*run.phase_versions, latest(run)]
+    table = [[bench.served_acc(run, v, classes=c) for c in PHASE_CLASSES] for v in ends]
+    drops = []
+    for i in range(len(PHASE_CLASSES) - 1):
+        seen = [table[j][i] for j in range(i, len(ends) - 1) if table[j][i] is not None]
+        if seen and table[-1][i] is not None:
+            drops.append(max(seen) - table[-1][i])
+    mean = sum(drops) / len(drops) if drops else None
+    return bench.served_acc(run, latest(run)), mean, table
+
+
+def class_incremental(bench: Bench) -> dict:
+    stream = class_incremental_stream(bench.train_x, bench.train_y, bench.sizes["phase"], bench.rng)
+    produce_stream(bench.bootstrap, "class-incremental", stream)
+    configured = bench.run("configured", "class-incremental", stream, bench.overrides())
+    plain = bench.run("plain", "class-incremental", stream, bench.overrides(*PLAIN))
+    final, mean, table = forgetting(bench, configured)
+    plain_final, plain_mean, _ = forgetting(bench, plain)
+    out = common(bench, configured)
+    out.update(final_acc=_r(final), mean_forgetting=_r(mean),
+               buffer_samples=configured.totals["streamkd_replay_buffer_samples"], plain_final_acc=_r(plain_final),
+               plain_mean_forgetting=_r(plain_mean), plain_img_s=round(plain.img_s, 1),
+               phase_acc=[[_r(a) for a in row] for row in table])
+    return out
+
+
+def curve(bench: Bench, run: Run, test: str) -> list[tuple[int, float]]:
+    """(stream position, accuracy on ``test``) of every snapshot ``run`` published, in order."""
+    return [(bench.position(run, v), bench.served_acc(run, v, test)) for v in run.published]
+
+
+def recovery(points: list[tuple[int, float]], shift_at: int, shift_end: int) -> int | None:
+    """Records after ``shift_at`` until accuracy is within RECOVERED of the plateau (last quarter's mean)."""
+    phase = [(p, a) for p, a in points if shift_at < p <= shift_end]
+    tail = [a for p, a in phase if p >= shift_end - (shift_end - shift_at) // 4]
+    if not tail:
+        return None
+    plateau = sum(tail) / len(tail)
+    return next((p - shift_at for p, a in phase if a >= plateau - RECOVERED), None)
+
+
+def shift(bench: Bench) -> dict:
+    stream = shift_stream(bench.train_x, bench.sizes["shift"], bench.rng)
+    produce_stream(bench.bootstrap, "shift", stream)
+    at, end = stream.phase_ends[0], stream.phase_ends[1]
+    configured = bench.run("configured", "shift", stream, bench.overrides(), follow=True)
+    ref = bench.run("no-detector", "shift", stream, bench.overrides("drift.enabled=false"), follow=True)
+    ends = [*configured.phase_versions, latest(configured)]
+    phases = [{test: _r(bench.served_acc(configured, v, test)) for test in ("clean", "corrupted")} for v in ends]
+    out = common(bench, configured)
+    out.update(teacher_corrupted_acc=round(bench.teacher_acc["corrupted"], 4),
+               detection_delay=first_after(configured.detections, at),
+               false_alarms=None if configured.detections is None else sum(p < at for p in configured.detections),
+               recovery_samples=recovery(curve(bench, configured, "corrupted"), at, end),
+               recovery_samples_without_detector=recovery(curve(bench, ref, "corrupted"), at, end),
+               corrupted_acc=phases[1]["corrupted"], clean_acc_before_shift=phases[0]["clean"],
+               clean_acc_after=phases[2]["clean"], phases=phases, detections=configured.detections,
+               no_detector_img_s=round(ref.img_s, 1))
+    return out
+
+
+def first_after(detections: list[int] | None, at: int) -> int | None:
+    later = [p - at for p in detections or [] if p >= at]
+    return later[0] if later else None
+
+
+def drift_check(bench: Bench) -> dict:
+    stream = stationary_stream(bench.train_x, bench.sizes["stationary"], bench.rng)
+    produce_stream(bench.bootstrap, "stationary", stream)
+    configured = bench.run("configured", "stationary", stream, bench.overrides())
+    out = common(bench, configured)
+    detections = configured.detections
+    out.update(false_alarms=None if detections is None else len(detections), detections=detections)
+    return out
+
+
+def regressions(bench: Bench, run: Run) -> tuple[int, list[float]]:
+    """Published snapshots more than REGRESSION below the previous published one (clean test set)."""
+    accs = [bench.served_acc(run, v) for v in run.published]
+    return sum(b < a - REGRESSION for a, b in zip(accs, accs[1:])), accs
+
+
+def poisoned_teacher(bench: Bench) -> dict:
+    n, k = bench.sizes["poisoned"], bench.sizes["poison"]
+    stream = stationary_stream(bench.train_x, n, bench.rng)
+    produce_stream(bench.bootstrap, "poisoned", stream)
+    window = (n // 2, n // 2 + k)
+    gated = bench.run("gate", "poisoned", stream, bench.overrides("gate.enabled=true"), follow=True, poison=window)
+    ungated = bench.run("no-gate", "poisoned", stream, bench.overrides("gate.enabled=false"), follow=True,
+                        poison=window)
+    regressed, accs = regressions(bench, gated)
+    regressed_ungated, accs_ungated = regressions(bench, ungated)
+    out = common(bench, gated)
+    out.update(regressed_published=regressed, regressed_published_without_gate=regressed_ungated,
+               gate_throughput_cost=round(1 - gated.img_s / ungated.img_s, 4), poison_window=list(window),
+               gate_rejections=gated.totals["streamkd_snapshot_gate_rejections_total"],
+               published_acc=[_r(a) for a in accs],
+               published_acc_without_gate=[_r(a) for a in accs_ungated], no_gate_img_s=round(ungated.img_s, 1))
+    return out
+
+
+RUNNERS = {"stationary": stationary, "class-incremental": class_incremental, "shift": shift,
+           "stationary-drift-check": drift_check, "poisoned-teacher": poisoned_teacher}
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+
+def budget_arg(value: str) -> str:
+    if value == "adaptive":
+        return value
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget must be a fraction in (0, 1] or 'adaptive', got {value!r}")
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"--budget must be a fraction in (0, 1] or 'adaptive', got {value!r}")
+    return str(f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", choices=SCENARIOS, required=True)
+    ap.add_argument("--budget", type=budget_arg, default=None, help="teacher.budget: a fraction or 'adaptive'")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script (numbers meaningless)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="daemon config override")
+    args = ap.parse_args()
+
+    from streamkd.commands.broker import EmbeddedBroker
+    from streamkd.logs import setup_logging
+
+    setup_logging("text", "WARNING")
+    sizes = SMOKE if args.smoke else FULL
+    workdir = Path(tempfile.mkdtemp(prefix="streamkd-scen-"))
+    t = time.monotonic()
+    try:
+        with EmbeddedBroker() as broker:
+            bench = Bench(args, sizes, broker.bootstrap, workdir)
+            result = RUNNERS[args.scenario](bench)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    device = str(bench.device)
+    line = {"scenario": args.scenario, "seed": args.seed,
+            "config": {"set": args.set, "budget": args.budget, "smoke": args.smoke}, **result,
+            "device": device if device != "cpu" else f"cpu ({os.cpu_count()} cores)",
+            "seconds": round(time.monotonic() - t, 1)}
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
