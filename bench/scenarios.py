@@ -40,9 +40,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -463,7 +463,7 @@ def drift_check(bench: Bench) -> dict:
 def regressions(bench: Bench, run: Run) -> tuple[int, list[float]]:
     """Published snapshots more than REGRESSION below the previous published one (clean test set)."""
     accs = [bench.served_acc(run, v) for v in run.published]
-    return sum(b < a - REGRESSION for a, b in zip(accs, accs[1:])), accs
+    return sum(b < a - REGRESSION for a, b in zip(accs, accs[1:], strict=False)), accs
 
 
 def poisoned_teacher(bench: Bench) -> dict:
@@ -498,7 +498,7 @@ def budget_arg(value: str) -> str:
     try:
         f = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--budget must be a fraction in (0, 1] or 'adaptive', got {value!r}")
+        raise argparse.ArgumentTypeError(f"--budget must be a fraction in (0, 1] or 'adaptive', got {value!r}") from None
     if not 0 < f <= 1:
         raise argparse.ArgumentTypeError(f"--budget must be a fraction in (0, 1] or 'adaptive', got {value!r}")
     return str(f)
