@@ -498,7 +498,8 @@ def budget_arg(value: str) -> str:
     try:
         f = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--budget must be a fraction in (0, 1] or 'adaptive', got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--budget must be a fraction in (0, 1] or 'adaptive', got {value!r}") from None
     if not 0 < f <= 1:
         raise argparse.ArgumentTypeError(f"--budget must be a fraction in (0, 1] or 'adaptive', got {value!r}")
     return str(f)
