@@ -128,7 +128,7 @@ class TrainConfig:
     alpha: float = 0.9
     loss: Literal["kl", "soft_ce"] = "kl"
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     warmup_steps: int = 0
@@ -161,7 +161,7 @@ class EmaConfig:
     """An exponential moving average of the student's weights, published in snapshots."""
 
     enabled: bool = True
-    decay: float = 0.99
+    decay: float = 0.995
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,9 @@ def write_config(tmp_path: Path, bootstrap: str, topic: str, port: int, **sectio
         "snapshot": {"dir": str(tmp_path / "snap"), "every_steps": 20, "every_seconds": 5, "keep": 3},
         "metrics": {"host": "127.0.0.1", "port": port},
         "logging": {"progress_every_s": 1},
+        # Exactly-once checks count every valid record as trained: no share of the stream goes to the
+        # publishing gate's holdout (the gate is tested without a broker, in test_trainer.py).
+        "gate": {"enabled": False},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)

@@ -1093,7 +1093,7 @@ def _make(tmp_path: Path, target: str, extra_env: dict | None = None, ensurepip:
     _stub(bin_dir / "python3", f'''case "$*" in
   *ensurepip*) {"exit 0" if ensurepip else "exit 1"} ;;
   *version_info*) echo 3.11 ;;
-  "-m venv "*) mkdir -p "$3/bin"; for t in python pip streamkd; do printf '%s' '{tool}' > "$3/bin/$t"; \\
+  "-m venv "*) mkdir -p "$3/bin"; for t in python pip streamkd ruff lint-imports; do printf '%s' '{tool}' > "$3/bin/$t"; \\
                chmod +x "$3/bin/$t"; done; echo "python3 $*" >> {log} ;;
 esac
 ''')
@@ -1120,7 +1120,7 @@ def test_make_test_adds_prometheus_and_the_dev_extras(tmp_path):
     assert rc == 0, out
     assert seen["apt"] == ["dataset-fashion-mnist", "prometheus"], seen  # venv support was there
     assert "pip install --quiet --constraint constraints.txt --editable .[dev]" in seen["calls"]
-    assert seen["calls"][-1] == "python -m pytest"
+    assert [c.strip() for c in seen["calls"][-3:]] == ["ruff check .", "lint-imports", "python -m pytest"]
 
 
 def test_make_honours_streamkd_data_dir(tmp_path):

@@ -7,7 +7,7 @@ import threading
 import time
 
 import torch
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from streamkd import cli
 from streamkd.commands.status import collect, parse_metrics, render
@@ -16,11 +16,12 @@ from streamkd.serve.server import HttpServer
 from streamkd.state.snapshot import SnapshotStore
 
 
-def serve(tmp_path, *, publish: bool = True, extra=None):
+def serve(tmp_path, *, publish: bool = True, extra=None, metrics: bool = True):
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry) if metrics else None
     store = SnapshotStore(tmp_path / "snap")
     if publish:
+        assert metrics is not None
         m = store.publish({"w": torch.ones(3)}, {"step": 42, "metrics": {"agreement": 0.75, "kd_loss": 0.5}})
         metrics.snapshot_published(m["version"])
     if extra is not None:
@@ -39,12 +40,10 @@ def rows(text: str) -> dict[str, str]:
 
 
 def test_one_screen_from_metrics_and_manifest(tmp_path, capsys) -> None:
-    def gate_and_drift(registry):
-        Counter("streamkd_snapshot_gate_rejections", "", registry=registry).inc(2)
-        Counter("streamkd_drift_detected", "", registry=registry).inc(1)
-
-    server, metrics = serve(tmp_path, extra=gate_and_drift)
+    server, metrics = serve(tmp_path)
     try:
+        metrics.gate_rejections.inc(2)
+        metrics.drift_detected.inc(1)
         metrics.ready.set(1)
         metrics.trained(1000, steps=42)
         metrics.lag(0, 7)
@@ -79,7 +78,8 @@ def test_one_screen_from_metrics_and_manifest(tmp_path, capsys) -> None:
 
 
 def test_absent_figures_show_a_dash(tmp_path, capsys) -> None:
-    server, _ = serve(tmp_path, publish=False)
+    """An endpoint without the daemon's metrics (another exporter, or an older daemon): a dash, never 0."""
+    server, _ = serve(tmp_path, publish=False, metrics=False)
     try:
         assert cli.main(["status", f"127.0.0.1:{server.port}", "--interval", "0"]) == 0
         screen = rows(capsys.readouterr().out)
