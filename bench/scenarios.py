@@ -295,7 +295,7 @@ class Bench:
                                   *overrides], env={})
 
     def _teacher_accuracy(self, parts) -> None:
-        from streamkd.commands.evaluate import evaluate
+        from streamkd.learn.evaluation import evaluate
 
         if self.teacher_acc:
             return
@@ -309,7 +309,7 @@ class Bench:
         """Accuracy of snapshot ``version`` of ``run`` on the clean or corrupted test images (of ``classes``)."""
         if version is None:
             return None
-        from streamkd.commands.evaluate import evaluate
+        from streamkd.learn.evaluation import evaluate
 
         key = (run.name, version, test, classes)
         if key not in self._evals:
