@@ -183,12 +183,16 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
             metrics.batch_wait_seconds.observe(time.perf_counter() - t0)
             if batch is not None and batch.size:
                 token = intake.begin_step(batch)  # a crash from here until its stats are read names this batch
-                # 4. The teacher labels the batch.
-                t1 = time.perf_counter()
-                labelled = label(parts, batch)
-                t2 = time.perf_counter()
-                # 5. Student: score first (prequential), then learn (with replay, EMA). Device stats, no sync.
-                stats = parts.trainer.step(labelled)
+                try:
+                    # 4. The teacher labels the batch.
+                    t1 = time.perf_counter()
+                    labelled = label(parts, batch)
+                    t2 = time.perf_counter()
+                    # 5. Student: score first (prequential), then learn (with replay, EMA). Device stats.
+                    stats = parts.trainer.step(labelled)
+                except Exception:
+                    intake.step_failed(token)
+                    raise
                 # Timings are launch times on CUDA (asynchronous); exact on CPU.
                 metrics.teacher_seconds.observe(t2 - t1)
                 metrics.step_seconds.observe(time.perf_counter() - t2)

@@ -34,6 +34,7 @@ class MemoryIntake:
         self.steps_begun = self.steps_ended = 0
         self.closed = False
         self.flushes = 0
+        self.failed_steps: list = []
         self.dead_letters_stuck = False
 
     def start(self, offsets):
@@ -45,6 +46,9 @@ class MemoryIntake:
 
     def next(self, timeout):
         return self.pending.popleft() if self.pending else None
+
+    def step_failed(self, token):
+        self.failed_steps.append(token)
 
     def begin_step(self, batch):
         self.steps_begun += 1
@@ -216,3 +220,24 @@ def test_no_checkpoint_covers_dead_letters_that_are_not_acknowledged(tmp_path):
     assert intake.flushes >= 3 and intake.commits == []
     assert CheckpointStore(tmp_path / "ck").list() == []
     assert parts.registry.get_sample_value("streamkd_checkpoint_write_failures_total") >= 3
+
+
+def test_a_step_that_raises_is_reported_to_the_crash_journal_and_stops_the_loop(tmp_path):
+    cfg = config(tmp_path)
+    intake = MemoryIntake(batches(3))
+    parts = daemon.build(cfg, intake=intake)
+    real = parts.labeller.teacher
+    calls = {"n": 0}
+
+    def failing(x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device-side assert")
+        return real(x)
+
+    parts.labeller.teacher = failing
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        run(parts, 3 * BATCH)
+    assert intake.failed_steps == [2]  # the second batch's token
+    newest = CheckpointStore(tmp_path / "ck").load_latest()
+    assert newest is not None and newest.offsets == {cfg.kafka.topic: {0: BATCH}}  # only what trained

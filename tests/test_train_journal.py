@@ -69,3 +69,21 @@ def test_condemned_records_stay_condemned_until_a_checkpoint_covers_them(tmp_pat
     j.end_step(j.begin_step([(0, 0, 3)]))  # the (empty) batch that carried them trained
     assert restart(tmp_path).condemned(0, 2)  # a crash before the checkpoint: dead-lettered again, not trained
     assert not restart(tmp_path, resume={0: 4}).condemned(0, 2)  # the checkpoint covers them: forgotten
+
+
+def test_a_crash_with_decoding_in_flight_too_is_left_to_the_decode_journal(tmp_path):
+    """The batcher decodes ahead while the loop trains: a decoder crash finds a batch in training too.
+    That batch must not be condemned for it (the decode journal finds the culprit one record at a time)."""
+    j = TrainJournal(tmp_path)
+    for _ in range(4):
+        j.begin_step([(0, 0, 31)])
+        j = TrainJournal(tmp_path, decoding_died=True)
+    assert j.crashes(0, 5) == 0 and not j.condemned(0, 5)
+
+
+def test_a_step_that_raises_counts_at_once_whatever_else_was_in_flight(tmp_path):
+    j = TrainJournal(tmp_path)
+    for _ in range(3):
+        j.step_failed(j.begin_step([(0, 0, 31)]))
+        j = TrainJournal(tmp_path, decoding_died=True)  # the decoder happened to be busy as the process stopped
+    assert j.condemned(0, 5)

@@ -54,7 +54,8 @@ class KafkaIntake:
         # A record whose decoding or training kills the process is found and dead-lettered after a few
         # restarts, instead of crash-looping (journal.py). The journals live beside the checkpoints.
         decode_journal = DecodeJournal(cfg.checkpoint.dir, offsets, max_crashes=cfg.train.max_crashes)
-        self.train_journal = TrainJournal(cfg.checkpoint.dir, offsets, max_crashes=cfg.train.max_crashes)
+        self.train_journal = TrainJournal(cfg.checkpoint.dir, offsets, max_crashes=cfg.train.max_crashes,
+                                          decoding_died=decode_journal.died_inflight)
         limits = Limits(cfg.input.max_bytes, cfg.input.max_pixels, cfg.input.max_images, cfg.input.max_decoded_bytes)
         self.batcher = Batcher(
             records, self.batches, batch_size=cfg.train.batch_size, max_wait_s=cfg.input.max_wait_ms / 1000,
@@ -87,6 +88,11 @@ class KafkaIntake:
         """Journal the batch as being trained; returns the token for :meth:`end_step`."""
         assert self.train_journal is not None
         return self.train_journal.begin_step(batch_ranges(batch.first_offsets, batch.offsets))
+
+    def step_failed(self, token: object) -> None:
+        """The step raised on this batch: one crash on its records (see TrainJournal)."""
+        if self.train_journal is not None and token is not None:
+            self.train_journal.step_failed(token)
 
     def end_step(self, token: object) -> None:
         if self.train_journal is not None and token is not None:

@@ -62,6 +62,8 @@ class DecodeJournal:
 
     FILE = JOURNAL_FILE
     STAGE = "decoding"
+    count_inflight = True  # the previous process's in-flight entries count as crashes of their records
+    died_inflight = False  # set at load: the previous process died with something in flight here
 
     def __init__(self, directory: str | Path, resume_offsets: dict[int, int] | None = None,
                  max_crashes: int = MAX_CRASHES):
@@ -90,13 +92,21 @@ class DecodeJournal:
             log.warning("crash journal %s unreadable (%s); starting a fresh one", self.path, e)
             return
         self.ranges = ranges
+        self.died_inflight = bool(inflight)
+        if inflight and not self.count_inflight:
+            log.warning("the previous process died with %s in flight, but the crash is attributed to decoding "
+                        "(also in flight); not counted against these records", self.STAGE)
+            return
         for p, a, b in inflight:
             log.error("the previous process died while %s partition %d offsets %d..%d", self.STAGE, p, a, b)
-            same = next((r for r in self.ranges if (r.partition, r.first, r.last) == (p, a, b)), None)
-            if same is not None:
-                same.crashes += 1
-            else:
-                self.ranges.append(_Range(p, a, b, 1))
+            self._count_crash(p, a, b)
+
+    def _count_crash(self, p: int, a: int, b: int) -> None:
+        same = next((r for r in self.ranges if (r.partition, r.first, r.last) == (p, a, b)), None)
+        if same is not None:
+            same.crashes += 1
+        else:
+            self.ranges.append(_Range(p, a, b, 1))
 
     def _prune(self, resume: dict[int, int]) -> None:
         kept = []
@@ -210,7 +220,13 @@ class TrainJournal(DecodeJournal):
     STAGE = "training"
 
     def __init__(self, directory: str | Path, resume_offsets: dict[int, int] | None = None,
-                 max_crashes: int = MAX_CRASHES):
+                 max_crashes: int = MAX_CRASHES, *, decoding_died: bool = False):
+        # A process that died with records in flight in *both* stages (the batcher decodes the next
+        # batches while the loop trains) is counted against the decoding: the decode journal then
+        # decodes those records one by one and finds the culprit, and an innocent batch in training
+        # is not condemned for it. A step that raises says so itself (step_failed), so exceptions are
+        # always counted here.
+        self.count_inflight = not decoding_died
         self._lock = threading.RLock()
         self._steps: dict[int, list[tuple[int, int, int]]] = {}
         self._next_token = 0
@@ -225,6 +241,15 @@ class TrainJournal(DecodeJournal):
             self._inflight = [r for rs in self._steps.values() for r in rs]
             self._write()
             return token
+
+    def step_failed(self, token: object) -> None:
+        """The step raised: count the crash now (the process is about to stop, whatever else is in flight)."""
+        with self._lock:
+            for p, a, b in self._steps.pop(token, None) or []:  # type: ignore[arg-type]
+                log.error("training raised with partition %d offsets %d..%d in the batch", p, a, b)
+                self._count_crash(p, a, b)
+            self._inflight = [r for rs in self._steps.values() for r in rs]
+            self._write()
 
     def end_step(self, token: object) -> None:
         """The step is on the host: its records trained without taking the process down."""
