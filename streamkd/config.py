@@ -565,7 +565,8 @@ def _validate_learning(cfg: Config) -> None:
                                                   f"got {t.budget_floor}")
     _fraction("teacher.random_share", t.random_share)
     _fraction("teacher.target_agreement", t.target_agreement)
-    _positive(cfg, "drift", "lr_boost", "boost_steps", "protect_samples")
+    _positive(cfg, "drift", "lr_boost", "boost_steps")
+    _positive(cfg, "drift", "protect_samples", allow_zero=True)
 
 
 def _check_kafka_extra(extra: Mapping[str, Any]) -> None:

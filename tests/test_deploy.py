@@ -1093,8 +1093,8 @@ def _make(tmp_path: Path, target: str, extra_env: dict | None = None, ensurepip:
     _stub(bin_dir / "python3", f'''case "$*" in
   *ensurepip*) {"exit 0" if ensurepip else "exit 1"} ;;
   *version_info*) echo 3.11 ;;
-  "-m venv "*) mkdir -p "$3/bin"; for t in python pip streamkd ruff lint-imports; do printf '%s' '{tool}' > "$3/bin/$t"; \\
-               chmod +x "$3/bin/$t"; done; echo "python3 $*" >> {log} ;;
+  "-m venv "*) mkdir -p "$3/bin"; for t in python pip streamkd ruff lint-imports; do \\
+               printf '%s' '{tool}' > "$3/bin/$t"; chmod +x "$3/bin/$t"; done; echo "python3 $*" >> {log} ;;
 esac
 ''')
     env = {"PATH": str(bin_dir), "HOME": str(tmp_path), **(extra_env or {})}
