@@ -183,7 +183,9 @@ class DriftConfig:
     detector: Literal["adwin", "page_hinkley"] = "adwin"
     lr_boost: float = 3.0  # learning-rate factor right after a drift, decaying back to 1
     boost_steps: int = 200  # steps over which the boost decays
-    protect_samples: int = 20000  # replay keeps its older content for this many samples after a drift
+    # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
+    # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.
+    protect_samples: int = 0
 
 
 @dataclass(frozen=True)
