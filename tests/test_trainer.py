@@ -103,6 +103,7 @@ def test_a_quarter_budget_sends_a_quarter_of_the_samples_to_the_teacher(tmp_path
 
 def test_a_drift_raises_the_budget_and_the_learning_rate_and_protects_replay(tmp_path):
     cfg = config(tmp_path, "teacher.budget=adaptive", "teacher.budget_floor=0.2", "drift.lr_boost=3",
+                 "drift.protect_samples=1000",
                  "drift.boost_steps=10", plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(4)))
     run(parts, 4 * BATCH)
