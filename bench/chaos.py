@@ -127,7 +127,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from streamkd.commands.broker import EmbeddedBroker, broker_binary, ensure_topics, free_port
+from streamkd.commands.broker import EmbeddedBroker, ensure_topics, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PARTITIONS = 3
@@ -327,29 +327,7 @@ class GatedBroker(EmbeddedBroker):
     def __init__(self, log_file: Path):
         super().__init__(log_file=log_file)
         self.gate = ProduceGate((self.host, self.port))
-
-    @property
-    def bootstrap(self) -> str:
-        return f"{self.host}:{self.gate.port}"
-
-    def start(self, timeout_s: float = 20.0) -> GatedBroker:
-        listen, advertised = f"tcp://{self.host}:{self.port}", f"tcp://{self.host}:{self.gate.port}"
-        with open(self.log_file, "ab") as out:  # the broker keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [broker_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", advertised,
-                 "--storage-engine", "memory://tansu/"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited at start with code {self.proc.returncode}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"broker did not listen on {self.host}:{self.port} within {timeout_s:.0f} s")
+        self.advertised_port = self.gate.port  # clients reach the broker through the gate
 
 
 class Daemon:

@@ -46,19 +46,20 @@ class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, log_file: Path | None = None):
         self.host = host
         self.port = port or free_port(host)
+        self.advertised_port = self.port  # what clients are told to connect to (a proxy may sit in front)
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.advertised_port}"
 
     def start(self, timeout_s: float = 20.0) -> EmbeddedBroker:
-        url = f"tcp://{self.host}:{self.port}"
+        url, advertised = f"tcp://{self.host}:{self.port}", f"tcp://{self.host}:{self.advertised_port}"
         # The broker writes to its own copy of the log file's descriptor: ours is closed at once.
         with open(self.log_file, "ab") if self.log_file else contextlib.nullcontext(subprocess.DEVNULL) as out:
             self.proc = subprocess.Popen(
-                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                  "--storage-engine", "memory://tansu/"],
                 stdout=out, stderr=subprocess.STDOUT if self.log_file else subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the broker in order

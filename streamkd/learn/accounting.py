@@ -108,10 +108,6 @@ class StepAccounting:
             event.synchronize()
             self._absorb(host, token)
 
-    def discard(self) -> None:
-        """Forget the step in flight (a rollback replaces the weights it produced)."""
-        self._lagged = None
-
     def _absorb(self, stats: torch.Tensor, token: object) -> None:
         v = stats.tolist()
         prog, metrics = self.prog, self.metrics

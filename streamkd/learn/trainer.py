@@ -102,8 +102,11 @@ class Trainer:
         return stats
 
     def _watch(self, lab: Labelled, t: torch.Tensor, random: torch.Tensor, fresh: int) -> None:
-        """Random-share agreement -> budget controller and drift monitor (a host read of a few values)."""
-        if not fresh:
+        """Random-share agreement -> budget controller and drift monitor (a host read of a few values).
+
+        At a fixed full budget with drift off nothing reads it (the prequential agreement covers every
+        sample), so the plain step keeps no per-step host sync."""
+        if not fresh or (self.drift is None and not self.budget.active):
             return
         agree = (self.learner.last_pred == t.argmax(1))[random].float().cpu()
         random_agreement = float(agree.mean()) if agree.numel() else None
