@@ -25,9 +25,12 @@ Scenarios (``--scenario``):
 "plain" is the same daemon with replay, EMA, gate, drift handling off and the full teacher budget.
 ``--set key=value`` overrides apply to every run (the plain one gets its own settings on top).
 Daemon metrics that are not exported yield ``null``, never zero. ``--smoke`` shrinks every size (a check
-of the script itself; its numbers mean little). The last line of output is one JSON object.
+of the script itself; its numbers mean little). ``--intake memory`` feeds the same streams to the same loop
+from memory, without the broker and the decoders: the learning figures are the same kind, the throughput
+is not end to end (a quick way to try learning settings). The last line of output is one JSON object.
 
-Usage: python bench/scenarios.py --scenario=NAME [--budget=F|adaptive] [--seed S] [--smoke] [--set k=v ...]
+Usage: python bench/scenarios.py --scenario=NAME [--budget=F|adaptive] [--seed S] [--smoke]
+       [--intake kafka|memory] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -112,7 +115,10 @@ def shift_stream(train_x: torch.Tensor, sizes: tuple[int, int, int], rng: np.ran
     return Stream(torch.cat([first, second, third]), [clean, clean + corrupted, clean + corrupted + back])
 
 
-def produce_stream(bootstrap: str, topic: str, stream: Stream) -> None:
+def produce_stream(bootstrap: str | None, topic: str, stream: Stream) -> None:
+    """Write ``stream`` into ``topic`` as PNG records (nothing to do with ``--intake memory``: no broker)."""
+    if bootstrap is None:
+        return
     from streamkd.commands.broker import ensure_topics
     from streamkd.commands.produce import dataset_records, produce
 
@@ -121,6 +127,53 @@ def produce_stream(bootstrap: str, topic: str, stream: Stream) -> None:
     t = time.monotonic()
     produce(dataset_records(stream.images, None, "png", np.arange(n)), bootstrap, topic, progress=False, total=n)
     log(f"produced {n} PNG records into {topic} in {time.monotonic() - t:.1f} s")
+
+
+class MemoryIntake:
+    """The stream in batches of ``batch_size``, straight to the loop: KafkaIntake's methods, no broker."""
+
+    def __init__(self, stream: Stream, batch_size: int):
+        from streamkd.ingest.batcher import Batch
+
+        n = len(stream.images)
+        self.batches = [Batch(images=stream.images[i:i + batch_size],
+                              labels=torch.full((min(batch_size, n - i),), -1, dtype=torch.int64),
+                              offsets={0: min(n, i + batch_size)}, records=min(batch_size, n - i),
+                              first_offsets={0: i}) for i in range(0, n, batch_size)]
+        self.next_batch, self.rejected, self.ready = 0, 0, True
+
+    def start(self, offsets: dict) -> None:
+        pass
+
+    def next(self, timeout: float):
+        if self.next_batch >= len(self.batches):
+            return None
+        self.next_batch += 1
+        return self.batches[self.next_batch - 1]
+
+    def begin_step(self, batch) -> None:
+        return None
+
+    def end_step(self, token) -> None:
+        pass
+
+    def step_failed(self, token) -> None:
+        pass
+
+    def flush_dead_letters(self) -> None:
+        pass
+
+    def commit(self, offsets: dict) -> None:
+        pass
+
+    def highwater(self) -> dict:
+        return {}
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ---- reading the daemon --------------------------------------------------------------------------------
@@ -235,7 +288,7 @@ class Watch:
 class Bench:
     """One broker, one stream topic, the test sets, and the daemon runs of one invocation."""
 
-    def __init__(self, args: argparse.Namespace, sizes: dict, bootstrap: str, workdir: Path):
+    def __init__(self, args: argparse.Namespace, sizes: dict, bootstrap: str | None, workdir: Path):
         from streamkd.commands.datasets import load_fashion_mnist
 
         self.args, self.sizes, self.bootstrap, self.workdir = args, sizes, bootstrap, workdir
@@ -263,7 +316,8 @@ class Bench:
         from streamkd import daemon
 
         cfg = self.config(name, topic, overrides, follow)
-        parts = daemon.build(cfg)
+        intake = MemoryIntake(stream, cfg.train.batch_size) if self.bootstrap is None else None
+        parts = daemon.build(cfg, intake=intake)
         self.device = parts.device
         self._teacher_accuracy(parts)
         watch = Watch(parts, stream)
@@ -284,7 +338,7 @@ class Bench:
         from streamkd.config import load_config
 
         state = self.workdir / name
-        base = [f"kafka.bootstrap_servers={self.bootstrap}", f"kafka.topic={topic}", f"kafka.group_id={name}",
+        base = [f"kafka.bootstrap_servers={self.bootstrap or '127.0.0.1:9'}", f"kafka.topic={topic}", f"kafka.group_id={name}",
                 f"checkpoint.dir={state}/ckpt", f"snapshot.dir={state}/snap", "snapshot.keep=100000",
                 "metrics.port=0", "logging.progress_every_s=30"]
         cfg = load_config(None, [*base, *overrides], env={})
@@ -511,6 +565,8 @@ def main() -> None:
     ap.add_argument("--budget", type=budget_arg, default=None, help="teacher.budget: a fraction or 'adaptive'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script (numbers meaningless)")
+    ap.add_argument("--intake", choices=("kafka", "memory"), default="kafka",
+                    help="memory: the streams from memory, no broker (learning figures only)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="daemon config override")
     args = ap.parse_args()
 
@@ -522,14 +578,18 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="streamkd-scen-"))
     t = time.monotonic()
     try:
-        with EmbeddedBroker() as broker:
-            bench = Bench(args, sizes, broker.bootstrap, workdir)
+        if args.intake == "memory":
+            bench = Bench(args, sizes, None, workdir)
             result = RUNNERS[args.scenario](bench)
+        else:
+            with EmbeddedBroker() as broker:
+                bench = Bench(args, sizes, broker.bootstrap, workdir)
+                result = RUNNERS[args.scenario](bench)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     device = str(bench.device)
     line = {"scenario": args.scenario, "seed": args.seed,
-            "config": {"set": args.set, "budget": args.budget, "smoke": args.smoke}, **result,
+            "config": {"set": args.set, "budget": args.budget, "smoke": args.smoke, "intake": args.intake}, **result,
             "device": device if device != "cpu" else f"cpu ({os.cpu_count()} cores)",
             "seconds": round(time.monotonic() - t, 1)}
     print(json.dumps(line))
