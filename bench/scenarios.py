@@ -338,7 +338,8 @@ class Bench:
         from streamkd.config import load_config
 
         state = self.workdir / name
-        base = [f"kafka.bootstrap_servers={self.bootstrap or '127.0.0.1:9'}", f"kafka.topic={topic}", f"kafka.group_id={name}",
+        bootstrap = self.bootstrap or "127.0.0.1:9"  # memory intake: never contacted
+        base = [f"kafka.bootstrap_servers={bootstrap}", f"kafka.topic={topic}", f"kafka.group_id={name}",
                 f"checkpoint.dir={state}/ckpt", f"snapshot.dir={state}/snap", "snapshot.keep=100000",
                 "metrics.port=0", "logging.progress_every_s=30"]
         cfg = load_config(None, [*base, *overrides], env={})
