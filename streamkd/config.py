@@ -107,7 +107,10 @@ class TeacherConfig:
     budget_floor: float = 0.1
     budget_ceiling: float = 1.0
     random_share: float = 0.1  # of every batch, labelled whatever the budget (the unbiased estimate)
-    target_agreement: float = 0.9  # adaptive: the budget rises while the random share agrees less than this
+    # adaptive: the budget rises while the recent random-share agreement is more than agreement_drop below
+    # the level the student has held (and below target_agreement, when set), and falls otherwise
+    agreement_drop: float = 0.05
+    target_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -566,7 +569,9 @@ def _validate_learning(cfg: Config) -> None:
         raise ConfigError("teacher.budget_floor", f"must be <= teacher.budget_ceiling ({t.budget_ceiling}), "
                                                   f"got {t.budget_floor}")
     _fraction("teacher.random_share", t.random_share)
-    _fraction("teacher.target_agreement", t.target_agreement)
+    if t.target_agreement is not None:
+        _fraction("teacher.target_agreement", t.target_agreement, zero=False)
+    _fraction("teacher.agreement_drop", t.agreement_drop)
     _positive(cfg, "drift", "lr_boost", "boost_steps")
     _positive(cfg, "drift", "protect_samples", allow_zero=True)
 

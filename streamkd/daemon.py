@@ -121,7 +121,7 @@ def build(cfg: Config, registry: CollectorRegistry | None = None, *, intake: Kaf
              f"weights sha256 {sha[:12]}" if sha else "random init", precision_name(teacher_amp), s.model,
              precision_name(amp), device)
     budget = TeacherBudget(t.budget, t.budget_floor, t.budget_ceiling, t.random_share, t.target_agreement,
-                           cfg.train.seed)
+                           cfg.train.seed, t.agreement_drop)
     labeller = Labeller(teacher, budget, learner.predict)
     trainer = Trainer(cfg, learner, budget, metrics)
     intake = intake if intake is not None else KafkaIntake(cfg, metrics, device, num_classes)

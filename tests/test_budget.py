@@ -230,8 +230,42 @@ def test_controller_state_round_trips_and_is_clamped_to_new_limits():
     assert tight.budget == 0.5
 
 
+def noisy_agreement(level: float, batches: int, seed: int, per_batch: int = 3):
+    """Per-batch random-share agreement of a student that agrees with probability ``level`` (a few samples each)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batches, per_batch, generator=g) < level).float().mean(1).tolist()
+
+
+@pytest.mark.parametrize("level", [0.6, 0.85, 0.97])
+def test_a_settled_student_gets_the_floor_whatever_its_level(level):
+    """The rule is relative: a student that holds its level needs few labels, at 0.6 agreement as at 0.97."""
+    c = BudgetController(floor=0.1, ceiling=1.0)
+    budgets = [c.update(a) for a in noisy_agreement(level, 2000, seed=1)]
+    assert sum(budgets[200:]) / len(budgets[200:]) < 0.15
+    assert min(budgets) == pytest.approx(0.1)
+
+
+def test_an_absolute_target_keeps_the_budget_up_below_it():
+    c = BudgetController(floor=0.1, ceiling=1.0, target_agreement=0.9)
+    budgets = [c.update(a) for a in noisy_agreement(0.8, 2000, seed=2)]
+    assert sum(budgets[200:]) / len(budgets[200:]) > 0.9
+
+
+def test_a_lasting_fall_in_agreement_raises_the_budget_without_a_drift_signal():
+    c = BudgetController(floor=0.1, ceiling=1.0)
+    for a in noisy_agreement(0.9, 1000, seed=3):
+        c.update(a)
+    assert c.budget == pytest.approx(0.1, abs=0.05)
+    budgets = [c.update(a) for a in noisy_agreement(0.6, 150, seed=4)]
+    assert max(budgets) == 1.0  # the recent level fell below the held one: the teacher labels everything again
+    # Once the new level is what the student holds, the budget comes down again.
+    budgets = [c.update(a) for a in noisy_agreement(0.6, 3000, seed=5)]
+    assert budgets[-1] < 0.3
+
+
 @pytest.mark.parametrize("kw", [dict(floor=0.0), dict(floor=0.6, ceiling=0.5), dict(ceiling=1.2),
-                                dict(target_agreement=0.0), dict(step=1.0), dict(smoothing=0.0)])
+                                dict(target_agreement=0.0), dict(step=1.0), dict(drop=1.0), dict(fast=0.0),
+                                dict(fast=0.01, slow=0.1)])
 def test_controller_rejects_bad_settings(kw):
     with pytest.raises(ValueError):
         BudgetController(**kw)

@@ -59,6 +59,8 @@ def test_env_names_map_to_dotted_keys():
     (["kafka.extra={enable_auto_commit: true}"], "kafka.extra.enable_auto_commit", "managed by streamkd"),
     (["kafka.security_protocol=SASL_SSL"], "kafka.sasl_mechanism", "required"),
     (["metrics.port=70000"], "metrics.port", "0..65535"),
+    (["teacher.agreement_drop=1.5"], "teacher.agreement_drop", "[0, 1]"),
+    (["teacher.target_agreement=0"], "teacher.target_agreement", "(0, 1]"),
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:

@@ -7,9 +7,10 @@ the stream, so agreement and accuracy estimates come from it alone (:func:`rando
 :func:`random_correct`); the margin-chosen samples are the hard ones and would bias them low.
 
 :class:`BudgetController` adapts the budget between a floor and a ceiling: up when the student's agreement
-on the random share is below target or drift is detected, down while the student agrees.
+on the random share falls below the level it has held (or below an optional absolute target) or drift is
+detected, down while the student keeps its level.
 
-Configuration keys (proposed, section ``teacher``):
+Configuration keys (section ``teacher``):
 
 - ``teacher.budget``: fraction of samples sent to the teacher, a float in (0, 1], or ``"adaptive"``
   (:class:`BudgetController`). Default 1.0 (every sample, the loop without a budget).
@@ -18,8 +19,10 @@ Configuration keys (proposed, section ``teacher``):
 - ``teacher.random_share``: fraction of every batch sent to the teacher uniformly at random, for the
   unbiased estimates and the drift detector. Default 0.1. When the budget is below it, everything sent is
   random.
-- ``teacher.target_agreement``: the adaptive budget rises while the smoothed agreement on the random
-  share is below this. Default 0.9.
+- ``teacher.agreement_drop``: the adaptive budget rises while the recent agreement on the random share is
+  more than this below the level the student has held. Default 0.05.
+- ``teacher.target_agreement``: optional absolute level: the adaptive budget also rises while the recent
+  agreement is below it. Default none.
 """
 
 from __future__ import annotations
@@ -137,59 +140,77 @@ def random_correct(student_logits: torch.Tensor, labels: torch.Tensor, selection
 class BudgetController:
     """Adaptive teacher budget in [floor, ceiling], updated once per batch.
 
-    The controller smooths the random-share agreement (a running mean over the first ``1 / smoothing``
-    observations, then an exponential average with weight ``smoothing``). Each :meth:`update`:
+    The controller follows the random-share agreement with two running means (each a plain mean over its
+    first ``1 / weight`` observations, then an exponential average): a *fast* one (``fast``, the recent
+    level) and a *slow* one (``slow``, the level the student has held). Each :meth:`update`:
 
-    - drift: the budget jumps to the ceiling and the smoothed agreement restarts (the old level no longer
-      describes the stream);
-    - smoothed agreement below ``target_agreement``: the budget rises by a factor ``(1 - step) ** -raise_rate``
-      (faster than it falls: a student that disagrees costs more than an extra teacher call);
-    - otherwise it falls by a factor ``1 - step``;
+    - drift: the budget jumps to the ceiling and both means restart (the old level no longer describes the
+      stream);
+    - the recent agreement fell more than ``drop`` below the held level, or below ``target_agreement`` when
+      one is set: the budget rises by a factor ``(1 - step) ** -raise_rate`` (faster than it falls: a student
+      that disagrees costs more than an extra teacher call);
+    - otherwise it falls by a factor ``1 - step``: a student that keeps its level needs fewer labels;
     - no agreement this batch (``None``, an empty random share): unchanged.
 
-    The budget starts at the ceiling: a student of unknown quality gets the full teacher.
+    The rule is relative, so it fits any student: a small student that plateaus at 0.85 agreement is as
+    "settled" as a large one at 0.97. ``target_agreement`` adds an absolute level below which the teacher
+    keeps labelling more. The budget starts at the ceiling: a student of unknown quality gets the full
+    teacher.
     """
 
-    def __init__(self, floor: float = 0.1, ceiling: float = 1.0, target_agreement: float = 0.9,
-                 step: float = 0.05, *, smoothing: float = 0.05, raise_rate: float = 2.0):
+    def __init__(self, floor: float = 0.1, ceiling: float = 1.0, target_agreement: float | None = None,
+                 step: float = 0.05, *, drop: float = 0.05, fast: float = 0.02, slow: float = 0.002,
+                 raise_rate: float = 2.0):
         if not 0.0 < floor <= ceiling <= 1.0:
             raise ValueError(f"need 0 < floor <= ceiling <= 1, got floor={floor} ceiling={ceiling}")
-        if not 0.0 < target_agreement <= 1.0:
-            raise ValueError(f"target_agreement must be in (0, 1], got {target_agreement}")
+        if target_agreement is not None and not 0.0 < target_agreement <= 1.0:
+            raise ValueError(f"target_agreement must be in (0, 1] or None, got {target_agreement}")
         if not 0.0 < step < 1.0:
             raise ValueError(f"step must be in (0, 1), got {step}")
-        if not 0.0 < smoothing <= 1.0:
-            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"drop must be in [0, 1), got {drop}")
+        if not 0.0 < slow <= fast <= 1.0:
+            raise ValueError(f"need 0 < slow <= fast <= 1, got fast={fast} slow={slow}")
         if not raise_rate > 0.0:
             raise ValueError(f"raise_rate must be > 0, got {raise_rate}")
-        self.floor, self.ceiling, self.target = float(floor), float(ceiling), float(target_agreement)
-        self.step, self.smoothing, self.raise_rate = float(step), float(smoothing), float(raise_rate)
+        self.floor, self.ceiling = float(floor), float(ceiling)
+        self.target = None if target_agreement is None else float(target_agreement)
+        self.step, self.drop, self.raise_rate = float(step), float(drop), float(raise_rate)
+        self.fast_weight, self.slow_weight = float(fast), float(slow)
         self.budget = self.ceiling
-        self.agreement: float | None = None  # smoothed agreement on the random share
+        self.agreement: float | None = None  # recent agreement on the random share (fast mean)
+        self.held: float | None = None  # the level the student has held (slow mean)
         self.observations = 0  # since the last drift
 
     def update(self, random_agreement: float | None, drift: bool = False) -> float:
         """Fold in one batch's random-share agreement (0-1, or None) and a drift flag; return the new budget."""
         if drift:
             self.budget = self.ceiling
-            self.agreement, self.observations = None, 0
+            self.agreement, self.held, self.observations = None, None, 0
         if random_agreement is None or not math.isfinite(random_agreement):
             return self.budget
         self.observations += 1
-        w = max(self.smoothing, 1.0 / self.observations)
         a = float(random_agreement)
-        self.agreement = a if self.agreement is None else self.agreement + w * (a - self.agreement)
+        self.agreement = _running(self.agreement, a, max(self.fast_weight, 1.0 / self.observations))
+        self.held = _running(self.held, a, max(self.slow_weight, 1.0 / self.observations))
         if drift:
             return self.budget
-        if self.agreement < self.target:
+        if self.fell():
             self.budget = min(self.ceiling, self.budget * (1.0 - self.step) ** -self.raise_rate)
         else:
             self.budget = max(self.floor, self.budget * (1.0 - self.step))
         return self.budget
 
+    def fell(self) -> bool:
+        """The recent agreement is clearly below the held level (or below the absolute target)."""
+        if self.agreement is None or self.held is None:
+            return False
+        return self.agreement < self.held - self.drop or (self.target is not None and self.agreement < self.target)
+
     def state_dict(self) -> dict:
         """Plain numbers (safe for ``torch.load(weights_only=True)`` and JSON)."""
-        return {"budget": self.budget, "agreement": self.agreement, "observations": self.observations}
+        return {"budget": self.budget, "agreement": self.agreement, "held": self.held,
+                "observations": self.observations}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; the budget is clamped into this controller's [floor, ceiling]."""
@@ -197,6 +218,11 @@ class BudgetController:
         if not math.isfinite(budget):
             raise ValueError(f"budget state is not finite: {budget}")
         self.budget = min(self.ceiling, max(self.floor, budget))
-        agreement = state.get("agreement")
+        agreement, held = state.get("agreement"), state.get("held", state.get("agreement"))
         self.agreement = None if agreement is None else float(agreement)
+        self.held = None if held is None else float(held)
         self.observations = max(0, int(state.get("observations", 0)))
+
+
+def _running(mean: float | None, x: float, weight: float) -> float:
+    return x if mean is None else mean + weight * (x - mean)

@@ -40,9 +40,10 @@ class TeacherBudget:
     """The share of samples sent to the teacher: fixed, or adaptive between a floor and a ceiling."""
 
     def __init__(self, budget: float | str, floor: float, ceiling: float, random_share: float,
-                 target_agreement: float, seed: int):
+                 target_agreement: float | None, seed: int, agreement_drop: float = 0.05):
         self.adaptive = budget == "adaptive"
-        self.controller = BudgetController(floor, ceiling, target_agreement) if self.adaptive else None
+        self.controller = BudgetController(floor, ceiling, target_agreement, drop=agreement_drop) \
+            if self.adaptive else None
         self.fixed = None if self.adaptive else float(budget)
         self.random_share = random_share
         self.generator = torch.Generator().manual_seed(seed)
