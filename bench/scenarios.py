@@ -130,26 +130,24 @@ def produce_stream(bootstrap: str | None, topic: str, stream: Stream) -> None:
 
 
 class MemoryIntake:
-    """The stream in batches of ``batch_size``, straight to the loop: KafkaIntake's methods, no broker."""
+    """The stream in batches of ``batch_size`` records, straight to the loop: KafkaIntake's methods, no broker."""
 
     def __init__(self, stream: Stream, batch_size: int):
-        from streamkd.ingest.batcher import Batch
-
-        n = len(stream.images)
-        self.batches = [Batch(images=stream.images[i:i + batch_size],
-                              labels=torch.full((min(batch_size, n - i),), -1, dtype=torch.int64),
-                              offsets={0: min(n, i + batch_size)}, records=min(batch_size, n - i),
-                              first_offsets={0: i}) for i in range(0, n, batch_size)]
-        self.next_batch, self.rejected, self.ready = 0, 0, True
+        self.images, self.batch_size = stream.images, batch_size
+        self.done, self.rejected, self.ready = 0, 0, True
 
     def start(self, offsets: dict) -> None:
         pass
 
     def next(self, timeout: float):
-        if self.next_batch >= len(self.batches):
+        from streamkd.ingest.batcher import Batch
+
+        i, n = self.done, len(self.images)
+        if i >= n:
             return None
-        self.next_batch += 1
-        return self.batches[self.next_batch - 1]
+        self.done = j = min(n, i + self.batch_size)
+        return Batch(images=self.images[i:j], labels=torch.full((j - i,), -1, dtype=torch.int64), offsets={0: j},
+                     records=j - i, first_offsets={0: i})
 
     def begin_step(self, batch) -> None:
         return None

@@ -135,6 +135,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     warmup_steps: int = 0
+    # Training steps per labelled batch; auto: round(1 / sqrt(teacher budget)), 1 at the full budget
+    # (a low budget reads 1/budget batches of records per step; extra steps retrain the fresh rows with
+    # new replayed samples).
+    steps_per_batch: int | Literal["auto"] = "auto"
     grad_clip: float = 5.0  # max global grad norm; 0 disables
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the student's; auto: bf16 on CUDA, fp32 on CPU
@@ -525,6 +529,8 @@ def validate(cfg: Config) -> None:
     _positive(cfg, "train", "batch_size", "temperature", "lr", "prefetch_batches", "max_consecutive_skips",
               "max_crashes", "agreement_window", "shutdown_grace_s")
     _positive(cfg, "train", "weight_decay", "momentum", "warmup_steps", "grad_clip", allow_zero=True)
+    if t.steps_per_batch != "auto" and t.steps_per_batch < 1:
+        raise ConfigError("train.steps_per_batch", f"must be >= 1 or auto, got {t.steps_per_batch}")
     if not 0.0 <= t.alpha <= 1.0:
         raise ConfigError("train.alpha", f"must be in [0, 1], got {t.alpha}")
     if t.device != "auto" and t.device != "cpu" and not (t.device == "cuda" or t.device.startswith("cuda:")):

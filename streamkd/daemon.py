@@ -190,6 +190,8 @@ def run(parts: Parts, stop: threading.Event, *, on_progress: Callable[[Progress]
                     t2 = time.perf_counter()
                     # 5. Student: score first (prequential), then learn (with replay, EMA). Device stats.
                     stats = parts.trainer.step(labelled)
+                    # The teacher labels about a batch per step whatever the budget: read that many records.
+                    intake.batch_size = parts.labeller.budget.records_per_step(cfg.train.batch_size)
                 except Exception:
                     intake.step_failed(token)
                     raise
@@ -245,6 +247,7 @@ def _start(parts: Parts, prog: Progress) -> None:
         raise
     finally:
         parts.health.warmed_up()
+    parts.intake.batch_size = parts.labeller.budget.records_per_step(parts.cfg.train.batch_size)
     parts.intake.start(prog.offsets)
 
 

@@ -132,3 +132,23 @@ def test_paused_batcher_leaves_records_in_the_queue() -> None:
     finally:
         stop.set()
         b.thread.join(5)
+
+
+def test_batch_size_can_change_while_running() -> None:
+    """The loop sizes batches from the teacher budget: a new size applies from the next batch."""
+    rq, out, stop = RecordQueue(1000, 1 << 30), queue.Queue(), threading.Event()
+    b = Batcher(rq, out, batch_size=4, max_wait_s=5.0, limits=Limits(), size=(28, 28), channels=1, workers=1,
+                stop=stop, on_reject=lambda r, why: None)
+    b.start()
+    try:
+        for i in range(8):
+            rq.put(rec(i, npy(images(i, 1))), stop)
+        first = [out.get(timeout=10).size for _ in range(2)]
+        b.batch_size = 12
+        for i in range(8, 32):
+            rq.put(rec(i, npy(images(i, 1))), stop)
+        second = [out.get(timeout=10).size for _ in range(2)]
+    finally:
+        stop.set()
+        b.thread.join(5)
+    assert (first, second) == ([4, 4], [12, 12])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_loop import BATCH, MemoryIntake, batches, config, run
 
 from streamkd import daemon
+from streamkd.ingest.batcher import Batch
+from streamkd.learn.labeller import MAX_SPREAD, TeacherBudget
 from streamkd.state.checkpoint import CheckpointStore
 from streamkd.state.snapshot import SnapshotStore
 
@@ -99,6 +102,59 @@ def test_a_quarter_budget_sends_a_quarter_of_the_samples_to_the_teacher(tmp_path
     assert parts.registry.get_sample_value("streamkd_teacher_budget_ratio") == 0.25
     assert prog.samples_seen == calls  # only labelled samples enter the lineage; the others are consumed
     assert prog.offsets == {0: 40 * BATCH}
+
+
+class SizedIntake(MemoryIntake):
+    """Reads ``batch_size`` records per batch, as the Kafka intake does, from one long stream."""
+
+    def __init__(self, n: int, batch_size: int = BATCH):
+        super().__init__([])
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
+        self.done, self.batch_size, self.sizes = 0, batch_size, []
+
+    def next(self, timeout):
+        i, n = self.done, len(self.images)
+        if i >= n:
+            return None
+        self.done = j = min(n, i + self.batch_size)
+        self.sizes.append(j - i)
+        return Batch(images=self.images[i:j], labels=torch.full((j - i,), -1), offsets={0: j}, records=j - i,
+                     first_offsets={0: i})
+
+
+def test_a_low_budget_reads_bigger_batches_so_each_step_trains_a_full_batch(tmp_path):
+    """At budget 1/4 a step reads 4 batches' worth of records and the teacher labels about one batch of them:
+    the student trains full fresh batches, and there are a quarter as many steps."""
+    cfg = config(tmp_path, "teacher.budget=0.25", "replay.enabled=false", "gate.enabled=false", plain=False)
+    intake = SizedIntake(48 * BATCH)
+    parts = daemon.build(cfg, intake=intake)
+    labelled = []
+    real = parts.labeller.teacher
+    parts.labeller.teacher = lambda x: (labelled.append(int(x.shape[0])), real(x))[1]
+    prog = run(parts, 48 * BATCH)
+    assert intake.sizes == [4 * BATCH] * 12
+    assert prog.step == 12 and sum(labelled) == prog.samples_seen == 12 * BATCH
+    assert all(abs(n - BATCH) <= 1 for n in labelled), labelled  # stochastic rounding: BATCH +- 1
+    # steps_per_batch auto: two updates per labelled batch at a quarter budget; the fresh rows count once.
+    assert parts.learner.scheduler.last_epoch == 24
+
+
+def test_records_per_step_follow_the_budget_within_limits():
+    budget = TeacherBudget(1.0, 0.1, 1.0, 0.1, None, seed=0)
+    assert budget.records_per_step(32) == 32
+    assert TeacherBudget(0.25, 0.1, 1.0, 0.1, None, seed=0).records_per_step(32) == 128
+    assert TeacherBudget(0.001, 0.1, 1.0, 0.1, None, seed=0).records_per_step(32) == 32 * MAX_SPREAD
+    adaptive = TeacherBudget("adaptive", 0.1, 1.0, 0.1, None, seed=0)
+    assert adaptive.records_per_step(32) == 32  # starts at the ceiling
+    adaptive.controller.budget = 0.5
+    assert adaptive.records_per_step(32) == 64
+
+
+@pytest.mark.parametrize("budget, setting, steps", [(1.0, "auto", 1), (0.5, "auto", 1), (0.25, "auto", 2),
+                                                    (0.1, "auto", 3), (1.0, 3, 3), (0.25, 1, 1)])
+def test_steps_per_batch(budget, setting, steps):
+    assert TeacherBudget(budget, 0.1, 1.0, 0.1, None, seed=0).steps_per_batch(setting) == steps
 
 
 def test_a_drift_raises_the_budget_and_the_learning_rate_and_protects_replay(tmp_path):

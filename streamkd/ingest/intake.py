@@ -44,6 +44,7 @@ class KafkaIntake:
         self.source: KafkaSource | None = None
         self.batcher: Batcher | None = None
         self.train_journal: TrainJournal | None = None
+        self._batch_size = cfg.train.batch_size
 
     def start(self, offsets: dict[int, int]) -> None:
         """Start consuming at ``offsets`` (partition -> next offset; earlier records are in the lineage)."""
@@ -58,7 +59,7 @@ class KafkaIntake:
                                           decoding_died=decode_journal.died_inflight)
         limits = Limits(cfg.input.max_bytes, cfg.input.max_pixels, cfg.input.max_images, cfg.input.max_decoded_bytes)
         self.batcher = Batcher(
-            records, self.batches, batch_size=cfg.train.batch_size, max_wait_s=cfg.input.max_wait_ms / 1000,
+            records, self.batches, batch_size=self._batch_size, max_wait_s=cfg.input.max_wait_ms / 1000,
             limits=limits, size=cfg.teacher.input_size, channels=cfg.teacher.channels,
             workers=cfg.input.decode_workers, stop=self.stop_event, on_reject=self._reject,
             pin_memory=self.device.type == "cuda", gpu=_gpu_decoder(cfg, self.device), journal=decode_journal,
@@ -66,6 +67,17 @@ class KafkaIntake:
             paused=lambda: self.dlq.full)  # a full dead-letter backlog pauses intake (and fails /readyz)
         self.source.start()
         self.batcher.start()
+
+    @property
+    def batch_size(self) -> int:
+        """Records per batch (images, for npy records); the loop sets it from the teacher budget."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, records: int) -> None:
+        self._batch_size = int(records)
+        if self.batcher is not None:
+            self.batcher.batch_size = self._batch_size  # from the next batch on
 
     @property
     def ready(self) -> bool:

@@ -14,6 +14,7 @@ Samples the teacher does not label are consumed but not trained on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,9 @@ class Labelled:
     batch: Any  # the ingest batch: the offsets it covers
 
 
+MAX_SPREAD = 16  # records_per_step reads at most this many batches' worth of records per step
+
+
 class TeacherBudget:
     """The share of samples sent to the teacher: fixed, or adaptive between a floor and a ceiling."""
 
@@ -56,6 +60,25 @@ class TeacherBudget:
     def active(self) -> bool:
         """False at a fixed budget of 1: every sample goes to the teacher without a selection pass."""
         return self.adaptive or self.value < 1.0
+
+    def records_per_step(self, batch_size: int) -> int:
+        """Records to read per step so that the teacher labels about ``batch_size`` of them at this budget.
+
+        Each step then trains a full batch of fresh samples however low the budget, and the teacher sees
+        full batches; the step count per record falls with the budget, which is where a low budget saves
+        the training cost as well as the teacher's. At most ``MAX_SPREAD`` batches are read per step."""
+        return min(batch_size * MAX_SPREAD, max(batch_size, round(batch_size / self.value)))
+
+    def steps_per_batch(self, setting: int | str) -> int:
+        """Training steps per labelled batch: ``setting``, or for ``"auto"`` round(1 / sqrt(budget)).
+
+        ``auto`` gives 1 at the full budget and 2 at a quarter: reading ``1 / budget`` batches per step saves
+        the teacher's cost and the student's alike, and the square root hands part of that saving back to
+        the student as extra updates (fresh rows again, with new replayed samples), between one step per
+        labelled batch and as many steps per record as the full budget trains."""
+        if setting != "auto":
+            return int(setting)
+        return max(1, round(1.0 / math.sqrt(self.value)))
 
     def select(self, student_logits: torch.Tensor) -> Selection:
         return select(student_logits, self.value, self.random_share, self.generator)

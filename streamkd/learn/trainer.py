@@ -30,7 +30,7 @@ from streamkd.learn.drift import DriftMonitor, LrBoost
 from streamkd.learn.ema import Ema, unwrap
 from streamkd.learn.gate import Gate, Holdout
 from streamkd.learn.labeller import Labelled, TeacherBudget
-from streamkd.learn.learner import Learner
+from streamkd.learn.learner import Learner, S
 from streamkd.learn.replay import ReplayBuffer
 from streamkd.metrics import Metrics
 
@@ -71,7 +71,10 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self, lab: Labelled) -> torch.Tensor | None:
-        """Train on a labelled batch; returns the learner's stats (device), or None if nothing was trained."""
+        """Train on a labelled batch; returns the learner's stats (device), or None if nothing was trained.
+
+        At a teacher budget below 1 the batch gets ``train.steps_per_batch`` updates: the first one scores
+        and counts the fresh rows, the others train them again with a new draw of replayed samples."""
         self.metrics.teacher_called(int(lab.images.shape[0]), self.budget.value)
         x, t, y, random = lab.images, lab.teacher_logits, lab.labels, lab.random
         self.held_out = 0
@@ -81,25 +84,34 @@ class Trainer:
             keep = keep.to(x.device)
             x, t, y, random = x[keep], t[keep], y[keep], random[keep]
         fresh = int(x.shape[0])
-        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size)) \
-            if self.replay is not None else None
-        if replayed is not None:
-            rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
-            xs, ts, ys = torch.cat([x, rx]), torch.cat([t, rt.to(t.dtype)]), torch.cat([y, ry])
-            self.metrics.replayed(int(rx.shape[0]))
-        elif fresh:
-            xs, ts, ys = x, t, y
-        else:
+        batch = self._with_replay(x, t, y)
+        if batch is None:
             return None
-        stats = self.learner.step(xs, ts, ys, fresh=fresh)
+        stats = self.learner.step(*batch, fresh=fresh)
         if self.ema is not None:
             self.ema.update(self.learner.student)
         if self.replay is not None and fresh:
             self.replay.add(x, t, y)
             self.metrics.replay_buffer(len(self.replay), self.replay.nbytes)
         self._watch(lab, t, random, fresh)
+        for _ in range(self.budget.steps_per_batch(self.cfg.train.steps_per_batch) - 1):
+            again = self.learner.step(*self._with_replay(x, t, y), fresh=0)
+            stats[S["skipped"]] = torch.maximum(stats[S["skipped"]], again[S["skipped"]])
+            if self.ema is not None:
+                self.ema.update(self.learner.student)
         self.learner.lr_scale = self.boost.step()
         return stats
+
+    def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+        """The fresh rows plus a draw from the replay buffer, or None when there is nothing to train."""
+        if self.replay is None:
+            return (x, t, y) if x.shape[0] else None
+        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size))
+        if replayed is None:
+            return (x, t, y) if x.shape[0] else None
+        rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
+        self.metrics.replayed(int(rx.shape[0]))
+        return torch.cat([x, rx]), torch.cat([t, rt.to(t.dtype)]), torch.cat([y, ry])
 
     def _watch(self, lab: Labelled, t: torch.Tensor, random: torch.Tensor, fresh: int) -> None:
         """Random-share agreement -> budget controller and drift monitor (a host read of a few values).
