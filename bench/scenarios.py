@@ -205,12 +205,16 @@ class PoisonedTeacher:
         return getattr(self.teacher, name)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Row i of a call is record ``position() + i`` (exact when the teacher sees every record: budget 1)."""
         logits = self.teacher(images)
-        if not self.window[0] <= self.position() < self.window[1]:
+        start, n = self.position(), int(logits.shape[0])
+        rows = torch.arange(start, start + n)
+        hit = ((rows >= self.window[0]) & (rows < self.window[1])).to(logits.device)
+        if not bool(hit.any()):
             return logits
         perm = torch.rand(logits.shape, generator=self.gen).argsort(dim=1).to(logits.device)
-        self.poisoned += int(logits.shape[0])
-        return logits.gather(1, perm)
+        self.poisoned += int(hit.sum())
+        return torch.where(hit[:, None], logits.gather(1, perm), logits)
 
 
 @dataclass
