@@ -55,7 +55,7 @@ def wait_checkpointed(d, samples: int, timeout: float) -> None:
 
 
 def test_kill9_resumes_with_the_newest_checkpoints_replay_buffer(broker, topic, tmp_path: Path, daemon_factory):
-    n1, n2 = 900, 450
+    n1, n2 = 600, 300
     values = [tiny_npy(i) for i in range(n1 + n2)]
     first = produce_values(broker.bootstrap, topic, values[:n1])
     # (partition, offset) -> image key, for both rounds (produce_values sends round-robin from partition 0)
@@ -65,7 +65,7 @@ def test_kill9_resumes_with_the_newest_checkpoints_replay_buffer(broker, topic, 
     config = write_config(tmp_path, broker.bootstrap, topic, port, **SETTINGS)
 
     d = daemon_factory(config, port)
-    wait_checkpointed(d, 200, timeout=60)
+    wait_checkpointed(d, 160, timeout=60)
     d.kill()
 
     # What the restart resumes from: the newest checkpoint that verifies, read as the daemon reads it.
