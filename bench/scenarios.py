@@ -18,9 +18,10 @@ Scenarios (``--scenario``):
   until a published snapshot's corrupted-test accuracy is within 1 point of its plateau (the mean over the
   last quarter of the corrupted phase). The same run without the detector runs as the reference.
 * ``stationary-drift-check``: drift detections over the stationary stream (all of them false alarms).
-* ``poisoned-teacher``: for 2k records mid-stream the teacher's logits are replaced by random ones.
-  ``regressed_published``: published snapshots whose clean-test accuracy is more than 1 point below the
-  previous published one's; run with the gate and without it.
+* ``poisoned-teacher``: for 2k records mid-stream the teacher's logits are replaced by random ones that look
+  as confident as real ones (each row's own logits with its classes randomly permuted). A snapshot every 512
+  records. ``regressed_published``: published snapshots whose clean-test accuracy is more than 1 point below
+  the previous published one's (``regressed_at``: their stream positions); run with the gate and without it.
 
 "plain" is the same daemon with replay, EMA, gate, drift handling off and the full teacher budget.
 ``--set key=value`` overrides apply to every run (the plain one gets its own settings on top).
@@ -187,22 +188,31 @@ def metric(registry, name: str) -> float | None:
 class PoisonedTeacher:
     """The teacher, except that while the stream position is in ``window`` its logits are random.
 
-    Random logits have the teacher's own spread, so they look as confident as real ones.
+    Random but as confident as real ones: each row keeps the teacher's own logit values with its classes
+    randomly permuted (a fresh permutation per row), so the target keeps the teacher's peak and spread but
+    names a random class (the true one only by chance, 1 in K). A teacher emitting garbage with full
+    confidence is what harms a student; noise with a flat spread mostly softens the targets.
     """
 
     def __init__(self, teacher, window: tuple[int, int], position: Callable[[], int], seed: int):
         self.teacher, self.window, self.position = teacher, window, position
         self.gen = torch.Generator().manual_seed(seed)
+        self.poisoned = 0  # rows whose logits were replaced
 
     def __getattr__(self, name: str):
         return getattr(self.teacher, name)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Row i of a call is record ``position() + i`` (exact when the teacher sees every record: budget 1)."""
         logits = self.teacher(images)
-        if not self.window[0] <= self.position() < self.window[1]:
+        start, n = self.position(), int(logits.shape[0])
+        rows = torch.arange(start, start + n)
+        hit = ((rows >= self.window[0]) & (rows < self.window[1])).to(logits.device)
+        if not bool(hit.any()):
             return logits
-        noise = torch.randn(logits.shape, generator=self.gen).to(logits.device)
-        return noise * logits.std() + logits.mean()
+        perm = torch.rand(logits.shape, generator=self.gen).argsort(dim=1).to(logits.device)
+        self.poisoned += int(hit.sum())
+        return torch.where(hit[:, None], logits.gather(1, perm), logits)
 
 
 @dataclass
@@ -219,6 +229,7 @@ class Run:
     phase_versions: list[int | None]  # the served version at each phase end
     detections: list[int] | None  # stream positions where the drift counter moved; None: no such metric
     totals: dict[str, float | None]  # END_METRICS at the end of the run (None: not exported)
+    poisoned_rows: int = 0  # teacher rows replaced by random logits (poisoned-teacher)
 
 
 class Watch:
@@ -319,15 +330,18 @@ class Bench:
         self.device = parts.device
         self._teacher_accuracy(parts)
         watch = Watch(parts, stream)
-        if poison is not None:
-            parts.teacher = PoisonedTeacher(parts.teacher, poison, lambda: watch.position, self.args.seed)
+        poisoned = None
+        if poison is not None:  # the labeller calls the teacher (parts.teacher only serves warm-up and scoring)
+            poisoned = PoisonedTeacher(parts.labeller.teacher, poison, lambda: watch.position, self.args.seed)
+            parts.labeller.teacher = poisoned
         log(f"run {name}: {stream.phase_ends[-1]} records, overrides {overrides}")
         daemon.run(parts, threading.Event(), on_progress=watch.on_progress, stop_when=watch.stop_when)
         watch.note_published()  # the final snapshot, written as the loop stopped
         totals = {m: metric(parts.registry, m) for m in END_METRICS}
         run = Run(name, stream.phase_ends[-1], watch.img_s(), Path(cfg.snapshot.dir), topic, cfg.teacher.budget,
                   watch.published, watch.phase_versions,
-                  None if totals["streamkd_drift_detected_total"] is None else watch.detections, totals)
+                  None if totals["streamkd_drift_detected_total"] is None else watch.detections, totals,
+                  poisoned.poisoned if poisoned is not None else 0)
         log(f"run {name}: {run.img_s:.0f} img/s, {len(run.published)} snapshots published")
         return run
 
@@ -513,10 +527,12 @@ def drift_check(bench: Bench) -> dict:
     return out
 
 
-def regressions(bench: Bench, run: Run) -> tuple[int, list[float]]:
-    """Published snapshots more than REGRESSION below the previous published one (clean test set)."""
+def regressions(bench: Bench, run: Run) -> tuple[list[int], list[float]]:
+    """Stream positions of the published snapshots more than REGRESSION below the previous published one
+    (clean test set), and every published snapshot's clean accuracy."""
     accs = [bench.served_acc(run, v) for v in run.published]
-    return sum(b < a - REGRESSION for a, b in zip(accs, accs[1:], strict=False)), accs
+    return [bench.position(run, v) for v, a, b in zip(run.published[1:], accs, accs[1:], strict=False)
+            if b < a - REGRESSION], accs
 
 
 def poisoned_teacher(bench: Bench) -> dict:
@@ -530,8 +546,10 @@ def poisoned_teacher(bench: Bench) -> dict:
     regressed, accs = regressions(bench, gated)
     regressed_ungated, accs_ungated = regressions(bench, ungated)
     out = common(bench, gated)
-    out.update(regressed_published=regressed, regressed_published_without_gate=regressed_ungated,
+    out.update(regressed_published=len(regressed), regressed_published_without_gate=len(regressed_ungated),
                gate_throughput_cost=round(1 - gated.img_s / ungated.img_s, 4), poison_window=list(window),
+               poisoned_rows=gated.poisoned_rows, poisoned_rows_without_gate=ungated.poisoned_rows,
+               regressed_at=regressed, regressed_at_without_gate=regressed_ungated,
                gate_rejections=gated.totals["streamkd_snapshot_gate_rejections_total"],
                published_acc=[_r(a) for a in accs],
                published_acc_without_gate=[_r(a) for a in accs_ungated], no_gate_img_s=round(ungated.img_s, 1))
