@@ -8,7 +8,9 @@ on the Fashion-MNIST test split, beside the teacher on the same split.
 Scenarios (``--scenario``):
 
 * ``stationary``: the 60k training images, one pass, shuffled with the seed. The plain loop runs in the
-  same invocation; with ``--budget`` the same configuration at budget 1.0 runs as well.
+  same invocation; with ``--budget`` the same configuration at budget 1.0 runs as well. ``--budget``
+  takes a comma-separated list (``--budget=0.5,0.25,adaptive``): one plain and one full-budget run, then
+  one run and one JSON line per budget.
 * ``class-incremental``: 5 phases of 2 classes (0-1, 2-3, ...), each phase shuffled. A snapshot is taken at
   every phase end. ``mean_forgetting``: over phases 1..4, the best accuracy on that phase's classes at its
   own or any later phase end (before the last), minus the accuracy on them at the end.
@@ -30,7 +32,7 @@ of the script itself; its numbers mean little). ``--intake memory`` feeds the sa
 from memory, without the broker and the decoders: the learning figures are the same kind, the throughput
 is not end to end (a quick way to try learning settings). The last line of output is one JSON object.
 
-Usage: python bench/scenarios.py --scenario=NAME [--budget=F|adaptive] [--seed S] [--smoke]
+Usage: python bench/scenarios.py --scenario=NAME [--budget=F|adaptive[,...]] [--seed S] [--smoke]
        [--intake kafka|memory] [--set k=v ...]
 """
 
@@ -315,7 +317,7 @@ class Bench:
 
     def overrides(self, *extra: str) -> list[str]:
         """The configured daemon: the user's --set (and --budget), then ``extra``."""
-        budget = [f"teacher.budget={self.args.budget}"] if self.args.budget is not None else []
+        budget = [f"teacher.budget={self.args.budget[0]}"] if self.args.budget else []
         return [f"train.seed={self.args.seed}", *self.args.set, *budget, *extra]
 
     def run(self, name: str, topic: str, stream: Stream, overrides: list[str], *, follow: bool = False,
@@ -435,18 +437,24 @@ def _r(x: float | None, digits: int = 4) -> float | None:
 def stationary(bench: Bench) -> dict:
     stream = stationary_stream(bench.train_x, bench.sizes["stationary"], bench.rng)
     produce_stream(bench.bootstrap, "stationary", stream)
-    configured = bench.run("configured", "stationary", stream, bench.overrides())
     plain = bench.run("plain", "stationary", stream, bench.overrides(*PLAIN))
-    out = common(bench, configured)
-    plain_acc = bench.served_acc(plain, latest(plain))
-    out.update(plain_student_acc=_r(plain_acc), plain_img_s=round(plain.img_s, 1),
-               throughput_ratio=round(configured.img_s / plain.img_s, 3))
-    if bench.args.budget is not None:
-        full = configured if bench.args.budget == "1.0" else bench.run("full", "stationary", stream,
-                                                                 bench.overrides("teacher.budget=1.0"))
-        out.update(full_budget_acc=_r(bench.served_acc(full, latest(full))), full_budget_img_s=round(full.img_s, 1),
-                   speedup_vs_full=round(configured.img_s / full.img_s, 3))
-    return out
+    budgets = bench.args.budget or [None]
+    full = None
+    if budgets != [None]:
+        full = bench.run("full", "stationary", stream, bench.overrides("teacher.budget=1.0"))
+    outs = []
+    for budget in budgets:
+        extra = () if budget is None else (f"teacher.budget={budget}",)
+        name = f"budget-{budget}" if budget else "configured"
+        configured = full if budget == "1.0" else bench.run(name, "stationary", stream, bench.overrides(*extra))
+        out = common(bench, configured)
+        out.update(budget=budget, plain_student_acc=_r(bench.served_acc(plain, latest(plain))),
+                   plain_img_s=round(plain.img_s, 1), throughput_ratio=round(configured.img_s / plain.img_s, 3))
+        if full is not None:
+            out.update(full_budget_acc=_r(bench.served_acc(full, latest(full))),
+                       full_budget_img_s=round(full.img_s, 1), speedup_vs_full=round(configured.img_s / full.img_s, 3))
+        outs.append(out)
+    return outs if len(outs) > 1 else outs[0]
 
 
 def forgetting(bench: Bench, run: Run) -> tuple[float | None, float | None, list[list[float | None]]]:
@@ -563,7 +571,12 @@ RUNNERS = {"stationary": stationary, "class-incremental": class_incremental, "sh
 # ---- command line --------------------------------------------------------------------------------------
 
 
-def budget_arg(value: str) -> str:
+def budget_arg(values: str) -> list[str]:
+    """A comma-separated list of budgets (stationary runs each against one plain and one full-budget run)."""
+    return [_budget(v.strip()) for v in values.split(",")]
+
+
+def _budget(value: str) -> str:
     if value == "adaptive":
         return value
     try:
@@ -579,7 +592,8 @@ def budget_arg(value: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", choices=SCENARIOS, required=True)
-    ap.add_argument("--budget", type=budget_arg, default=None, help="teacher.budget: a fraction or 'adaptive'")
+    ap.add_argument("--budget", type=budget_arg, default=None,
+                    help="teacher.budget: a fraction or 'adaptive'; stationary takes a comma-separated list")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script (numbers meaningless)")
     ap.add_argument("--intake", choices=("kafka", "memory"), default="kafka",
@@ -605,11 +619,13 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     device = str(bench.device)
-    line = {"scenario": args.scenario, "seed": args.seed,
-            "config": {"set": args.set, "budget": args.budget, "smoke": args.smoke, "intake": args.intake}, **result,
-            "device": device if device != "cpu" else f"cpu ({os.cpu_count()} cores)",
-            "seconds": round(time.monotonic() - t, 1)}
-    print(json.dumps(line))
+    for one in result if isinstance(result, list) else [result]:
+        budget = one.pop("budget", None) or (args.budget[0] if args.budget else None)
+        line = {"scenario": args.scenario, "seed": args.seed,
+                "config": {"set": args.set, "budget": budget, "smoke": args.smoke, "intake": args.intake}, **one,
+                "device": device if device != "cpu" else f"cpu ({os.cpu_count()} cores)",
+                "seconds": round(time.monotonic() - t, 1)}
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Configuration keys (section ``teacher``):
 
 - ``teacher.budget``: fraction of samples sent to the teacher, a float in (0, 1], or ``"adaptive"``
   (:class:`BudgetController`). Default 1.0 (every sample, the loop without a budget).
-- ``teacher.budget_floor``: lowest adaptive budget. Default 0.1.
+- ``teacher.budget_floor``: lowest adaptive budget. Default 0.25.
 - ``teacher.budget_ceiling``: highest adaptive budget (and the budget right after a drift). Default 1.0.
 - ``teacher.random_share``: fraction of every batch sent to the teacher uniformly at random, for the
   unbiased estimates and the drift detector. Default 0.1. When the budget is below it, everything sent is
