@@ -193,6 +193,10 @@ class DriftConfig:
     # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
     # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.
     protect_samples: int = 0
+    # The served EMA follows the student closely after a drift: its decay drops to ema_decay and rises
+    # linearly back to ema.decay over ema_steps updates (ema_steps 0: off).
+    ema_decay: float = 0.9
+    ema_steps: int = 400
 
 
 @dataclass(frozen=True)
@@ -579,7 +583,9 @@ def _validate_learning(cfg: Config) -> None:
         _fraction("teacher.target_agreement", t.target_agreement, zero=False)
     _fraction("teacher.agreement_drop", t.agreement_drop)
     _positive(cfg, "drift", "lr_boost", "boost_steps")
-    _positive(cfg, "drift", "protect_samples", allow_zero=True)
+    _positive(cfg, "drift", "protect_samples", "ema_steps", allow_zero=True)
+    if not 0.0 < cfg.drift.ema_decay < 1.0:
+        raise ConfigError("drift.ema_decay", f"must be in (0, 1), got {cfg.drift.ema_decay}")
 
 
 def _check_kafka_extra(extra: Mapping[str, Any]) -> None:

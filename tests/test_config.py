@@ -61,6 +61,9 @@ def test_env_names_map_to_dotted_keys():
     (["metrics.port=70000"], "metrics.port", "0..65535"),
     (["teacher.agreement_drop=1.5"], "teacher.agreement_drop", "[0, 1]"),
     (["teacher.target_agreement=0"], "teacher.target_agreement", "(0, 1]"),
+    (["drift.ema_decay=1.0"], "drift.ema_decay", "(0, 1)"),
+    (["drift.ema_steps=-1"], "drift.ema_steps", ">= 0"),
+    (["drift.ema_steps=2.5"], "drift.ema_steps", "integer"),
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:

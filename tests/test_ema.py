@@ -51,6 +51,61 @@ def test_warmup_uses_the_smaller_decay_early_on():
     assert ema.current_decay() == 0.99
 
 
+def test_follow_lowers_the_decay_then_rises_back_linearly():
+    model = nn.Linear(3, 2)
+    ema = Ema(model, 0.99, warmup=False)
+    ema.update(model)
+    ema.follow(0.5, 4)
+    decays = []
+    for _ in range(6):
+        decays.append(ema.current_decay())
+        ema.update(model)
+    assert decays == pytest.approx([0.5, 0.6225, 0.745, 0.8675, 0.99, 0.99])
+    ema.follow(0.999, 3)  # a follow decay above the configured one changes nothing
+    assert ema.current_decay() == 0.99
+
+
+def test_follow_catches_up_with_a_model_that_moved():
+    slow, fast = nn.Linear(3, 2), nn.Linear(3, 2)
+    fast.load_state_dict(slow.state_dict())
+    model = nn.Linear(3, 2)
+    model.load_state_dict(slow.state_dict())
+    a, b = Ema(model, 0.995, warmup=False), Ema(model, 0.995, warmup=False)
+    a.update(model)
+    b.update(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the stream changed: the model moved away
+    b.follow(0.8, 50)
+    for _ in range(50):
+        a.update(model)
+        b.update(model)
+    gap = lambda e: float((e.module.weight - model.weight).abs().max())  # noqa: E731
+    assert gap(b) < 0.01 < 0.5 < gap(a)
+    with pytest.raises(ValueError, match="follow decay"):
+        b.follow(1.5, 3)
+    with pytest.raises(ValueError, match="follow steps"):
+        b.follow(0.5, -1)
+
+
+def test_a_follow_period_survives_the_checkpoint():
+    model = nn.Linear(3, 2)
+    ema = Ema(model, 0.99, warmup=False)
+    ema.update(model)
+    ema.follow(0.5, 10)
+    for _ in range(3):
+        ema.update(model)
+    buf = io.BytesIO()
+    torch.save(ema.state_dict(), buf)
+    buf.seek(0)
+    other = Ema(nn.Linear(3, 2), 0.99, warmup=False)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert other.follow_remaining == 7 and other.current_decay() == pytest.approx(ema.current_decay())
+    state = ema.state_dict()
+    del state["follow"]  # a state saved before follow periods existed
+    other.load_state_dict(state)
+    assert other.follow_remaining == 0 and other.current_decay() == 0.99
+
+
 def test_batchnorm_running_stats_are_averaged_and_the_counter_copied():
     model = bn_net().train()
     ema = Ema(model, 0.8, warmup=False)

@@ -175,3 +175,24 @@ def test_a_drift_raises_the_budget_and_the_learning_rate_and_protects_replay(tmp
     tr.step(lab)
     assert 1.0 < parts.learner.lr_scale <= 3.0  # boosted, decaying back to 1 over 10 steps
     assert tr.manifest()["drift"]["detected"] == 1
+
+
+def test_a_drift_makes_the_served_ema_follow_the_student(tmp_path):
+    cfg = config(tmp_path, "drift.ema_decay=0.5", "drift.ema_steps=10", "gate.enabled=false", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(4)))
+    run(parts, 4 * BATCH)
+    tr = parts.trainer
+    tr.ema.updates = 10_000  # past the warmup ramp
+    assert tr.ema.current_decay() == cfg.ema.decay
+    tr.on_drift({"signal": "confidence", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5})
+    assert tr.ema.current_decay() == 0.5
+    tr.step(parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1)))
+    assert 0.5 < tr.ema.current_decay() < cfg.ema.decay  # rising back over 10 updates
+    assert tr.state_dict()["ema"]["follow"].tolist()[2] == 9
+
+    off = config(tmp_path / "off", "drift.ema_steps=0", "gate.enabled=false", plain=False)
+    parts = daemon.build(off, intake=MemoryIntake(batches(2)))
+    run(parts, 2 * BATCH)
+    parts.trainer.ema.updates = 10_000
+    parts.trainer.on_drift({"signal": "confidence", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5})
+    assert parts.trainer.ema.current_decay() == off.ema.decay

@@ -16,6 +16,11 @@ counter on the host and applies the library's EMA kernel
 Early on the average would be dominated by the initial weights; as in
 ``tf.train.ExponentialMovingAverage`` the decay used at update t is
 ``min(decay, (1 + t) / (10 + t))`` unless ``warmup=False``.
+
+After the stream changes, the average lags the student by about ``1 / (1 - decay)`` updates, and serves
+the old content's weights that long. :meth:`Ema.follow` lowers the decay for a while (starting at a given
+value and rising linearly back to ``decay``), so the served weights catch up with a student that is
+relearning, then smooth again.
 """
 
 from __future__ import annotations
@@ -52,12 +57,27 @@ class Ema:
         self.decay, self.warmup = float(decay), warmup
         self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.updates = 0  # host-side counter: reading it costs no device sync
+        self.follow_decay, self.follow_steps, self.follow_remaining = self.decay, 0, 0
+
+    def follow(self, decay: float, steps: int) -> None:
+        """Follow the model more closely for the next ``steps`` updates: the decay starts at ``decay`` and rises
+        linearly back to the configured one over them (a decay above the configured one changes nothing).
+        Calling it again restarts the period."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"follow decay must be in [0, 1], got {decay!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"follow steps must be an integer >= 0, got {steps!r}")
+        self.follow_decay, self.follow_steps, self.follow_remaining = float(decay), steps, steps
 
     def current_decay(self) -> float:
         """The decay the next update applies."""
+        decay = self.decay
+        if self.follow_remaining > 0:
+            done = 1.0 - self.follow_remaining / self.follow_steps
+            decay = min(decay, self.follow_decay + (self.decay - self.follow_decay) * done)
         if self.warmup:
-            return min(self.decay, (1 + self.updates) / (10 + self.updates))
-        return self.decay
+            return min(decay, (1 + self.updates) / (10 + self.updates))
+        return decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -81,6 +101,7 @@ class Ema:
             for ema_list, model_list in groups.values():
                 avg(ema_list, model_list, None)
         self.updates += 1
+        self.follow_remaining = max(0, self.follow_remaining - 1)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """CPU, contiguous copies of the averaged state_dict, floating tensors in fp32: ready to publish."""
@@ -92,13 +113,25 @@ class Ema:
 
     # -- checkpoint state ------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Tensors only: the averaged state_dict (CPU copies, stored dtype) and the update count."""
+        """Tensors only: the averaged state_dict (CPU copies, stored dtype), the update count and the follow
+        period (:meth:`follow`) in progress."""
         weights = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
-        return {"weights": weights, "updates": torch.tensor(self.updates, dtype=torch.int64)}
+        follow = torch.tensor([self.follow_decay, self.follow_steps, self.follow_remaining], dtype=torch.float64)
+        return {"weights": weights, "updates": torch.tensor(self.updates, dtype=torch.int64), "follow": follow}
 
     def load_state_dict(self, state: dict) -> None:
         weights, updates = state.get("weights"), state.get("updates")
         if not isinstance(weights, dict) or not isinstance(updates, torch.Tensor) or updates.numel() != 1:
             raise ValueError("not an EMA state (needs 'weights' and 'updates')")
+        follow = state.get("follow")  # absent in states saved before follow periods existed
+        if follow is not None and (not isinstance(follow, torch.Tensor) or follow.numel() != 3):
+            raise ValueError("not an EMA state ('follow' must hold decay, steps, remaining)")
         self.module.load_state_dict(weights)  # copies into the existing tensors: device and memory format stay
         self.updates = int(updates)
+        if follow is None:
+            self.follow_decay, self.follow_steps, self.follow_remaining = self.decay, 0, 0
+        else:
+            decay, steps, remaining = follow.tolist()
+            steps = max(0, int(steps))
+            self.follow_decay = min(1.0, max(0.0, float(decay)))
+            self.follow_steps, self.follow_remaining = steps, min(steps, max(0, int(remaining)))

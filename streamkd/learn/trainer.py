@@ -9,8 +9,9 @@ One :meth:`Trainer.step` per labelled batch:
 3. the EMA of the student is updated;
 4. the fresh samples enter the replay buffer;
 5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
-   budget goes to its ceiling, the learning rate is raised for a while, and the replay buffer keeps its
-   older content.
+   budget goes to its ceiling, the learning rate is raised for a while, the served EMA follows the
+   student closely for a while (``drift.ema_decay``, ``drift.ema_steps``), and the replay buffer keeps
+   its older content when ``drift.protect_samples`` is set.
 
 Every piece can be switched off (``replay.enabled``, ``ema.enabled``, ``gate.enabled``, ``drift.enabled``);
 with all off this is the plain online KD step.
@@ -136,13 +137,17 @@ class Trainer:
         self.drifts += 1
         self.last_drift = {**event, "at": time.time(), "budget_after": self.budget.value}
         self.boost.trigger()
+        if self.ema is not None:
+            self.ema.follow(self.cfg.drift.ema_decay, self.cfg.drift.ema_steps)
         if self.replay is not None:
             self.replay.protect(self.cfg.drift.protect_samples)
         self.metrics.drift_detected.inc()
-        log.warning("drift detected on %s after %d samples: mean %.3f -> %.3f; budget %.2f, lr x%.1f, replay "
-                    "keeps its older content", event.get("signal"), event.get("samples_seen", 0),
+        log.warning("drift detected on %s after %d samples: mean %.3f -> %.3f; budget %.2f, lr x%.1f, EMA decay "
+                    "%s", event.get("signal"), event.get("samples_seen", 0),
                     event.get("mean_before") or float("nan"), event.get("mean_after") or float("nan"),
-                    self.budget.value, self.boost.multiplier, extra={"fields": {"event": "drift", **event}})
+                    self.budget.value, self.boost.multiplier,
+                    f"{self.ema.current_decay():.3f}" if self.ema is not None else "-",
+                    extra={"fields": {"event": "drift", **event}})
 
     # -- snapshots ---------------------------------------------------------------------------------
     def candidate(self) -> Candidate:
