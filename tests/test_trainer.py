@@ -119,3 +119,18 @@ def test_a_drift_raises_the_budget_and_the_learning_rate_and_protects_replay(tmp
     tr.step(lab)
     assert 1.0 < parts.learner.lr_scale <= 3.0  # boosted, decaying back to 1 over 10 steps
     assert tr.manifest()["drift"]["detected"] == 1
+
+
+def test_balanced_replay_is_wired_and_resumes_from_the_checkpoint(tmp_path):
+    cfg = config(tmp_path, "checkpoint.every_steps=1000", "replay.balance=true", "replay.capacity=64", plain=False)
+    first = daemon.build(cfg, intake=MemoryIntake(batches(10)))
+    run(first, 10 * BATCH)
+    tr = first.trainer
+    assert tr.replay.balance and len(tr.replay) == 64
+    assert sum(len(s) for s in tr.replay._slots) == tr.replay._res_len  # every reservoir slot has its class
+    again = daemon.build(cfg, intake=MemoryIntake([]))
+    again.persistence.resume(again.accounting.prog)
+    tr2 = again.trainer
+    assert tr2.replay._class_seen == tr.replay._class_seen and torch.equal(tr2.replay._recent, tr.replay._recent)
+    for a, b in zip(tr.replay.sample(16, fresh=BATCH), tr2.replay.sample(16, fresh=BATCH), strict=True):
+        assert torch.equal(a, b)

@@ -54,7 +54,7 @@ class Trainer:
         self.cfg, self.learner, self.budget, self.metrics = cfg, learner, budget, metrics
         seed = cfg.train.seed
         r, g, d = cfg.replay, cfg.gate, cfg.drift
-        self.replay = ReplayBuffer(r.capacity, r.max_bytes, r.recency_share, seed) if r.enabled else None
+        self.replay = ReplayBuffer(r.capacity, r.max_bytes, r.recency_share, seed, r.balance) if r.enabled else None
         self.ema = Ema(learner.student, cfg.ema.decay) if cfg.ema.enabled else None
         self.holdout = Holdout(g.holdout_capacity, g.holdout_share, seed) if g.enabled else None
         self.gate = Gate(g.tolerance)
@@ -81,7 +81,7 @@ class Trainer:
             keep = keep.to(x.device)
             x, t, y, random = x[keep], t[keep], y[keep], random[keep]
         fresh = int(x.shape[0])
-        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size)) \
+        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size), fresh) \
             if self.replay is not None else None
         if replayed is not None:
             rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
