@@ -247,6 +247,7 @@ class ReplayBuffer:
         classes = logits.argmax(1).tolist()
         u = torch.rand((n, 3), generator=self._gen, dtype=torch.float64).tolist()  # one row per sample, always
         writes: dict[int, int] = {}  # slot -> batch row (the later sample wins a slot written twice)
+        moved = False  # whether a slot changed class
         counts = [len(lst) for lst in self._slots]
         for i, c in enumerate(classes):
             if self.seen + i < self._protect_until:
@@ -262,16 +263,17 @@ class ReplayBuffer:
                 lst = self._slots[victim]
                 slot = lst[int(u[i][1] * len(lst))]
                 counts[victim] -= 1
-            elif u[i][2] * self._class_seen[c] < counts[c]:
+            elif u[i][2] * self._class_seen[c] < counts[c]:  # within the class: the counts stay
                 lst = self._slots[c]
-                slot = lst[int(u[i][1] * len(lst))]
-                counts[c] -= 1
+                writes[lst[int(u[i][1] * len(lst))]] = i
+                continue
             else:
                 continue
             self._place(slot, c)
             counts[c] += 1
             writes[slot] = i
-            if self._res_len == self._res_cap:
+            moved = True
+            if self._res_len == self._res_cap:  # the class sizes moved: the largest ones are full from now on
                 top = max(counts)
                 for j, m in enumerate(counts):
                     if m == top:
@@ -281,8 +283,9 @@ class ReplayBuffer:
         slots = torch.tensor(list(writes.keys()), dtype=torch.int64)
         rows = torch.tensor(list(writes.values()), dtype=torch.int64)
         self._write(slots, rows, images, logits, labels)
-        self._cls[slots] = torch.tensor([self._slot_cls[s] for s in writes], dtype=torch.int64)
-        self._index = None
+        if moved:
+            self._cls[slots] = torch.tensor([self._slot_cls[s] for s in writes], dtype=torch.int64)
+            self._index = None
         return True
 
     def protect(self, samples: int) -> None:
