@@ -472,7 +472,7 @@ def forgetting_floor(bench: Bench, run: Run) -> tuple[float | None, list[list[fl
     table = []
     for j in range(len(PHASE_CLASSES)):
         allowed = torch.tensor([c for cs in PHASE_CLASSES[:j + 1] for c in cs])
-        mask = torch.full((len(PHASE_CLASSES) * 2,), float("-inf"))
+        mask = torch.full((sum(map(len, PHASE_CLASSES)),), float("-inf"))
         mask[allowed] = 0.0
         masked = torch.nn.Sequential(model, Offset(mask))
         row = []
