@@ -13,7 +13,13 @@ Scenarios (``--scenario``):
   one run and one JSON line per budget.
 * ``class-incremental``: 5 phases of 2 classes (0-1, 2-3, ...), each phase shuffled. A snapshot is taken at
   every phase end. ``mean_forgetting``: over phases 1..4, the best accuracy on that phase's classes at its
-  own or any later phase end (before the last), minus the accuracy on them at the end.
+  own or any later phase end (before the last), minus the accuracy on them at the end. The same images in
+  one shuffled order (an i.i.d. stream of the same length) run as the reference, which gives two more keys.
+  ``forgetting_floor_iid``: ``mean_forgetting`` of a learner that forgets nothing, the i.i.d. run's final
+  snapshot, scored at each phase end on the label space seen by then (its logits of the classes not yet
+  streamed are masked): the part of the metric that comes from a 10-way task being harder than a 2-, 4-,
+  6- or 8-way one. ``forgetting_vs_iid``: over phases 1..4, the i.i.d. run's final accuracy on that phase's
+  classes minus the class-incremental run's: the part that comes from the order.
 * ``shift``: 30k clean, 30k corrupted, 10k clean. The corruption is a camera that moved: every image
   translated by SHIFT_PX pixels right and down, the uncovered border black. It is a real change for the
   student and not for the teacher: a student trained on clean images scores near chance on the translated
@@ -462,31 +468,81 @@ def stationary(bench: Bench) -> dict:
     return outs if len(outs) > 1 else outs[0]
 
 
+def forgetting_of(table: list[list[float | None]]) -> float | None:
+    """Mean over phases 1..4 of (best accuracy at a phase end before the last) - (accuracy at the last)."""
+    drops = []
+    for i in range(len(PHASE_CLASSES) - 1):
+        seen = [table[j][i] for j in range(i, len(table) - 1) if table[j][i] is not None]
+        if seen and table[-1][i] is not None:
+            drops.append(max(seen) - table[-1][i])
+    return sum(drops) / len(drops) if drops else None
+
+
 def forgetting(bench: Bench, run: Run) -> tuple[float | None, float | None, list[list[float | None]]]:
     """(final accuracy on all classes, mean forgetting, accuracy[phase end][phase classes])."""
     ends = [*run.phase_versions, latest(run)]
     table = [[bench.served_acc(run, v, classes=c) for c in PHASE_CLASSES] for v in ends]
-    drops = []
-    for i in range(len(PHASE_CLASSES) - 1):
-        seen = [table[j][i] for j in range(i, len(ends) - 1) if table[j][i] is not None]
-        if seen and table[-1][i] is not None:
-            drops.append(max(seen) - table[-1][i])
-    mean = sum(drops) / len(drops) if drops else None
-    return bench.served_acc(run, latest(run)), mean, table
+    return bench.served_acc(run, latest(run)), forgetting_of(table), table
+
+
+def forgetting_floor(bench: Bench, run: Run) -> tuple[float | None, list[list[float | None]]]:
+    """``forgetting_of`` the final snapshot of ``run`` where, at phase end j, only the classes of phases 0..j
+    can be predicted: what the metric reads for a learner that never forgets."""
+    from streamkd.learn.evaluation import evaluate
+
+    version = latest(run)
+    if version is None:
+        return None, []
+    model, spec = bench._load(run, version)
+    table = []
+    for j in range(len(PHASE_CLASSES)):
+        allowed = torch.tensor([c for cs in PHASE_CLASSES[:j + 1] for c in cs])
+        mask = torch.full((sum(map(len, PHASE_CLASSES)),), float("-inf"))
+        mask[allowed] = 0.0
+        masked = torch.nn.Sequential(model, Offset(mask))
+        row = []
+        for i, classes in enumerate(PHASE_CLASSES):
+            if i > j:
+                row.append(None)
+                continue
+            keep = torch.isin(bench.test_y, torch.tensor(classes))
+            row.append(evaluate(masked, bench.test_x[keep], bench.test_y[keep], spec, device=bench.device)["acc"])
+        table.append(row)
+    return forgetting_of(table), table
+
+
+class Offset(torch.nn.Module):
+    """Adds a fixed vector to the logits (-inf masks a class out)."""
+
+    def __init__(self, offset: torch.Tensor):
+        super().__init__()
+        self.register_buffer("offset", offset)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.offset
 
 
 def class_incremental(bench: Bench) -> dict:
     stream = class_incremental_stream(bench.train_x, bench.train_y, bench.sizes["phase"], bench.rng)
+    iid = Stream(stream.images[torch.from_numpy(bench.rng.permutation(len(stream.images)))], stream.phase_ends)
     produce_stream(bench.bootstrap, "class-incremental", stream)
+    produce_stream(bench.bootstrap, "class-incremental-iid", iid)
     configured = bench.run("configured", "class-incremental", stream, bench.overrides())
     plain = bench.run("plain", "class-incremental", stream, bench.overrides(*PLAIN))
+    reference = bench.run("iid", "class-incremental-iid", iid, bench.overrides())
     final, mean, table = forgetting(bench, configured)
     plain_final, plain_mean, _ = forgetting(bench, plain)
+    iid_final, _, iid_table = forgetting(bench, reference)
+    floor, floor_table = forgetting_floor(bench, reference)
+    gaps = [a - b for a, b in zip(iid_table[-1][:-1], table[-1][:-1], strict=True) if a is not None and b is not None]
     out = common(bench, configured)
     out.update(final_acc=_r(final), mean_forgetting=_r(mean),
                buffer_samples=configured.totals["streamkd_replay_buffer_samples"], plain_final_acc=_r(plain_final),
                plain_mean_forgetting=_r(plain_mean), plain_img_s=round(plain.img_s, 1),
-               phase_acc=[[_r(a) for a in row] for row in table])
+               phase_acc=[[_r(a) for a in row] for row in table],
+               forgetting_floor_iid=_r(floor), forgetting_vs_iid=_r(sum(gaps) / len(gaps) if gaps else None),
+               iid_final_acc=_r(iid_final), iid_phase_acc=[_r(a) for a in iid_table[-1]],
+               floor_phase_acc=[[_r(a) for a in row] for row in floor_table])
     return out
 
 

@@ -161,6 +161,8 @@ class ReplayConfig:
     max_bytes: int = 64 << 20  # the buffer never holds more than this, whatever the capacity
     ratio: float = 1.0  # replayed samples per fresh sample in a step
     recency_share: float = 0.25  # of the replayed samples, drawn from the most recent ones
+    # Balance the reservoir (class-balancing reservoir sampling) and its draws over the teacher's top-1 classes.
+    balance: bool = False
 
 
 @dataclass(frozen=True)

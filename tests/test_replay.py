@@ -252,3 +252,125 @@ def test_state_from_something_else_is_refused():
         buf.load_state_dict({"format": 1, "seen": -1})
     with pytest.raises(ValueError, match="replay"):
         buf.load_state_dict({"weights": {}})
+
+
+# -- class balance ---------------------------------------------------------------------------------
+
+
+def of_classes(classes: list[int], start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples whose teacher top-1 class is ``classes[i]``; the label is the stream index."""
+    n = len(classes)
+    ids = torch.arange(start, start + n)
+    images = (ids % 256).to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    logits = torch.nn.functional.one_hot(torch.tensor(classes), K).float() * 3
+    return images, logits, ids
+
+
+def feed_classes(buf: ReplayBuffer, classes: list[int], batch: int = 32, start: int = 0) -> None:
+    for i in range(0, len(classes), batch):
+        buf.add(*of_classes(classes[i:i + batch], start + i))
+
+
+def stored_classes(buf: ReplayBuffer) -> list[int]:
+    return torch.bincount(buf._logits[:buf._res_len].float().argmax(1), minlength=K).tolist()
+
+
+def imbalanced(seed: int) -> list[int]:
+    """3000 of class 0, 1000 of class 1, 5 of each of classes 2..9, shuffled."""
+    classes = torch.tensor([0] * 3000 + [1] * 1000 + [c for c in range(2, K) for _ in range(5)])
+    return classes[torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed))].tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balanced_reservoir_keeps_every_sample_of_rare_classes(seed):
+    stream_classes = imbalanced(seed)
+    buf = ReplayBuffer(100, 10**9, 0.0, seed, balance=True)
+    feed_classes(buf, stream_classes)
+    counts = stored_classes(buf)
+    assert len(buf) == 100 and sum(counts) == 100
+    assert counts[2:] == [5] * 8  # all of each rare class
+    assert abs(counts[0] - counts[1]) <= 1  # the two large ones share the rest evenly
+    # The plain reservoir keeps the stream's proportions: the rare classes all but vanish.
+    plain = ReplayBuffer(100, 10**9, 0.0, seed)
+    feed_classes(plain, stream_classes)
+    assert sum(stored_classes(plain)[2:]) < 10 and stored_classes(plain)[0] > 60
+
+
+def test_balanced_reservoir_is_uniform_within_a_class():
+    # Class 0 arrives 4000 times among other classes; its kept samples must be uniform over its stream.
+    counts = torch.zeros(4)
+    for seed in range(40):
+        stream_classes = imbalanced(seed)
+        buf = ReplayBuffer(100, 10**9, 0.0, seed, balance=True)
+        feed_classes(buf, stream_classes)
+        ids = buf._labels[:buf._res_len]
+        mine = ids[buf._logits[:buf._res_len].float().argmax(1) == 0]
+        ranks = torch.tensor([stream_classes[:i].count(0) for i in mine.tolist()])  # index within class 0
+        counts += torch.bincount(ranks * 4 // 3000, minlength=4)
+    expected = counts.sum() / 4
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3, (chi2, counts.tolist())  # 3 degrees of freedom, 0.999 quantile
+
+
+def test_balanced_reservoir_matches_the_plain_one_while_filling_and_stays_bounded():
+    per = bytes_per_sample((1, 2, 2), K)
+    buf = ReplayBuffer(1000, 40 * per, 0.25, 0, balance=True)
+    feed_classes(buf, [i % K for i in range(25)])
+    assert reservoir_ids(buf) == list(range(25))  # nothing replaced before the reservoir is full
+    feed_classes(buf, imbalanced(0), start=25)
+    assert buf.slots == 40 and len(buf) == 40 and buf.nbytes == 40 * per <= buf.max_bytes
+    assert sorted(len(s) for s in buf._slots) == sorted(stored_classes(buf))  # bookkeeping matches the slots
+
+
+def test_balanced_draws_fill_up_the_classes_the_fresh_samples_lack():
+    # Classes 0..7 first, then only 8 and 9: the reservoir holds all ten; the fresh rows and the recent
+    # region bring 8 and 9, so the reservoir's draws go to the eight older classes, evenly.
+    old = [i % 8 for i in range(4000)]
+    new = [8 + i % 2 for i in range(2000)]
+    buf = ReplayBuffer(200, 10**9, 0.25, 0, balance=True)
+    feed_classes(buf, old)
+    feed_classes(buf, new, start=4000)
+    assert min(stored_classes(buf)) > 0
+    drawn = torch.cat([buf.sample(32, fresh=32)[1].argmax(1) for _ in range(500)])
+    share = torch.bincount(drawn, minlength=K).double() / drawn.numel()
+    assert 0.24 < float(share[8:].sum()) < 0.27  # the recent region's quarter, nothing more
+    assert float(share[:8].min()) > 0.08 and float(share[:8].max()) < 0.11  # 0.75 / 8 each
+    plain = ReplayBuffer(200, 10**9, 0.25, 0)
+    feed_classes(plain, old)
+    feed_classes(plain, new, start=4000)
+    drawn = torch.cat([plain.sample(32, fresh=32)[1].argmax(1) for _ in range(500)])
+    assert float((drawn >= 8).double().mean()) > 0.4
+
+
+def test_balanced_draws_on_a_balanced_stream_are_uniform_over_classes():
+    buf = ReplayBuffer(200, 10**9, 0.0, 0, balance=True)
+    feed_classes(buf, torch.randint(0, K, (3000,), generator=torch.Generator().manual_seed(0)).tolist())
+    drawn = torch.cat([buf.sample(32, fresh=32)[1].argmax(1) for _ in range(500)])
+    share = torch.bincount(drawn, minlength=K).double() / drawn.numel()
+    assert float(share.min()) > 0.08 and float(share.max()) < 0.12
+
+
+def test_balanced_state_round_trips_and_loads_across_the_setting():
+    a = ReplayBuffer(60, 10**9, 0.3, 7, balance=True)
+    feed_classes(a, imbalanced(3)[:900], batch=25)
+    state = a.state_dict()
+    assert _tensors_and_ints_only(state)
+    b = ReplayBuffer(60, 10**9, 0.3, 99, balance=True)
+    b.load_state_dict(round_trip(state))
+    assert b._class_seen == a._class_seen and b._full == a._full and torch.equal(b._recent, a._recent)
+    rest = imbalanced(3)[900:1400]
+    for buf in (a, b):
+        feed_classes(buf, rest, batch=25, start=900)
+    assert torch.equal(a._labels, b._labels)
+    assert torch.equal(a.sample(16, fresh=16)[2], b.sample(16, fresh=16)[2])
+    # A plain buffer's state loads into a balanced one (class counts estimated) and the other way round.
+    plain = ReplayBuffer(60, 10**9, 0.3, 7)
+    feed_classes(plain, imbalanced(3)[:900], batch=25)
+    c = ReplayBuffer(60, 10**9, 0.3, 7, balance=True)
+    c.load_state_dict(round_trip(plain.state_dict()))
+    assert sum(len(s) for s in c._slots) == c._res_len and sum(c._class_seen) >= c._res_len
+    feed_classes(c, rest, batch=25, start=900)
+    assert stored_classes(c)[2:].count(0) < stored_classes(plain)[2:].count(0) or min(stored_classes(c)[2:]) > 0
+    d = ReplayBuffer(60, 10**9, 0.3, 7)
+    d.load_state_dict(round_trip(a.state_dict()))
+    assert len(d) == len(a)

@@ -196,3 +196,18 @@ def test_a_drift_makes_the_served_ema_follow_the_student(tmp_path):
     parts.trainer.ema.updates = 10_000
     parts.trainer.on_drift({"signal": "confidence", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5})
     assert parts.trainer.ema.current_decay() == off.ema.decay
+
+
+def test_balanced_replay_is_wired_and_resumes_from_the_checkpoint(tmp_path):
+    cfg = config(tmp_path, "checkpoint.every_steps=1000", "replay.balance=true", "replay.capacity=64", plain=False)
+    first = daemon.build(cfg, intake=MemoryIntake(batches(10)))
+    run(first, 10 * BATCH)
+    tr = first.trainer
+    assert tr.replay.balance and len(tr.replay) == 64
+    assert sum(len(s) for s in tr.replay._slots) == tr.replay._res_len  # every reservoir slot has its class
+    again = daemon.build(cfg, intake=MemoryIntake([]))
+    again.persistence.resume(again.accounting.prog)
+    tr2 = again.trainer
+    assert tr2.replay._class_seen == tr.replay._class_seen and torch.equal(tr2.replay._recent, tr.replay._recent)
+    for a, b in zip(tr.replay.sample(16, fresh=BATCH), tr2.replay.sample(16, fresh=BATCH), strict=True):
+        assert torch.equal(a, b)

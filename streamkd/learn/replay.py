@@ -13,6 +13,30 @@ The recent region gets ``recency_share`` of the slots, so every stored slot
 is equally likely to be replayed. Replayed samples are drawn with
 replacement (O(n) per draw, whatever the capacity).
 
+With ``balance`` on, both the reservoir and the draws from it are balanced
+over the teacher's top-1 classes (a stream usually has no labels):
+
+- the reservoir keeps itself with class-balancing reservoir sampling (CBRS,
+  Chrysakis & Moens 2020, "Online Continual Learning from Imbalanced
+  Data"): once it is full, a sample of a class that is not *full* (a full
+  class is the largest, or was the largest at some point) replaces a random
+  sample of a largest class; a sample of a full class ``c`` replaces a
+  random stored sample of ``c`` with probability ``stored_c / seen_c``
+  (Algorithm R within the class). A class that is rare in the stream keeps
+  as many samples as the others, up to all of those it sent; on a balanced
+  stream it is the plain reservoir;
+- the reservoir's draws fill up the classes the rest of the step lacks: the
+  fresh samples and the recent-region draws follow the stream's recent class
+  frequencies (a moving average over about ``RECENT_WINDOW`` samples), and
+  the reservoir's share goes to the classes it holds by water-filling, so
+  the step is as close to class-balanced as its size allows, uniform within
+  a class. On a stream whose classes arrive in turn, this keeps the classes
+  of the past in a fair share of each step instead of the share they have
+  in a uniform draw; on a balanced stream it is the uniform draw.
+
+The per-sample CBRS decisions run over Python ints (O(1) each, no tensor
+op per sample); the stores are one indexed write per batch.
+
 :meth:`ReplayBuffer.protect` freezes the reservoir for the next N offered
 samples (meant for a detected drift: the old content stays while the new
 one only reaches the recent region). Samples offered meanwhile still count
@@ -31,6 +55,7 @@ import torch
 __all__ = ["ReplayBuffer", "bytes_per_sample"]
 
 FORMAT = 1
+RECENT_WINDOW = 500  # samples: the span of the recent class frequencies that balanced draws complement
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -56,9 +81,11 @@ class ReplayBuffer:
     effective capacity is ``min(capacity, max_bytes // bytes_per_sample)``, fixed by the first
     sample's shape. recency_share: in [0, 1], the share of slots in the recent region and of each
     :meth:`sample` drawn from it (0: reservoir only; 1: a plain FIFO of the latest samples).
+    balance: class-balanced reservoir and draws over the teacher's top-1 classes (module docstring).
     """
 
-    def __init__(self, capacity: int, max_bytes: int, recency_share: float, seed: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int, recency_share: float, seed: int,
+                 balance: bool = False) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
@@ -66,6 +93,7 @@ class ReplayBuffer:
         if not 0.0 <= recency_share <= 1.0:
             raise ValueError(f"recency_share must be in [0, 1], got {recency_share!r}")
         self.capacity, self.max_bytes, self.recency_share = capacity, max_bytes, float(recency_share)
+        self.balance = bool(balance)
         self._gen = torch.Generator().manual_seed(int(seed))
         self.seen = 0  # samples offered to add() (finite logits), stored or not
         self.revision = 0  # add() calls that changed the stored content
@@ -75,6 +103,17 @@ class ReplayBuffer:
         self._labels: torch.Tensor | None = None
         self._res_cap = self._ring_cap = 0
         self._res_len = self._ring_len = self._ring_head = 0
+        # Balance (saved): samples offered per class, classes that have been the largest, recent frequencies.
+        self._class_seen: list[int] = []
+        self._full: list[bool] = []
+        self._recent: torch.Tensor | None = None  # float64 K
+        # Balance (derived from the stored logits, rebuilt on load): each reservoir slot's class, and
+        # per class its slots (``_where[s]``: the position of slot s in ``_slots[class]``).
+        self._cls: torch.Tensor | None = None
+        self._slot_cls: list[int] = []
+        self._slots: list[list[int]] = []
+        self._where: list[int] = []
+        self._index: tuple[torch.Tensor, ...] | None = None  # cache of _balanced_draw, None: stale
 
     # -- sizes -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -110,6 +149,13 @@ class ReplayBuffer:
         self._images = torch.zeros((slots, *shape), dtype=torch.uint8)
         self._logits = torch.zeros((slots, k), dtype=torch.float16)
         self._labels = torch.full((slots,), -1, dtype=torch.int64)
+        if self.balance:
+            self._cls = torch.full((self._res_cap,), -1, dtype=torch.int64)
+            self._slot_cls, self._where = [-1] * self._res_cap, [-1] * self._res_cap
+            self._slots = [[] for _ in range(k)]
+            self._class_seen, self._full = [0] * k, [False] * k
+            self._recent = torch.full((k,), 1.0 / k, dtype=torch.float64)
+            self._index = None
 
     def _write(self, slots: torch.Tensor, src: torch.Tensor, images, logits, labels) -> None:
         assert self._images is not None and self._logits is not None and self._labels is not None
@@ -150,7 +196,9 @@ class ReplayBuffer:
             self._ring_len = min(self._ring_len + m, self._ring_cap)
             changed = True
 
-        if self._res_cap:
+        if self._res_cap and self.balance:
+            changed |= self._add_balanced(images, logits, labels)
+        elif self._res_cap:
             # Algorithm R: sample number t (0-based) replaces a uniform slot with probability cap/(t+1).
             # One draw per sample offered, used or not, so the random stream does not depend on the fill.
             t = self.seen + torch.arange(n, dtype=torch.float64)
@@ -171,8 +219,74 @@ class ReplayBuffer:
                 self._write(slots[last], rest[order][last], images, logits, labels)
                 changed = True
 
+        if self.balance:
+            assert self._recent is not None
+            keep = (1.0 - 1.0 / RECENT_WINDOW) ** n
+            hist = torch.bincount(logits.argmax(1), minlength=k).to(torch.float64) / n
+            self._recent.mul_(keep).add_(hist, alpha=1.0 - keep)
         self.seen += n
         self.revision += int(changed)
+
+    def _place(self, slot: int, c: int) -> None:
+        """Record that reservoir ``slot`` now holds a sample of class ``c`` (balance bookkeeping)."""
+        old = self._slot_cls[slot]
+        if old >= 0:  # swap-remove the slot from its old class's list
+            lst, pos = self._slots[old], self._where[slot]
+            last = lst.pop()
+            if last != slot:
+                lst[pos] = last
+                self._where[last] = pos
+        self._slot_cls[slot] = c
+        self._where[slot] = len(self._slots[c])
+        self._slots[c].append(slot)
+
+    def _add_balanced(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> bool:
+        """CBRS over the batch (module docstring); returns whether anything was stored."""
+        assert self._cls is not None
+        n = int(images.shape[0])
+        classes = logits.argmax(1).tolist()
+        u = torch.rand((n, 3), generator=self._gen, dtype=torch.float64).tolist()  # one row per sample, always
+        writes: dict[int, int] = {}  # slot -> batch row (the later sample wins a slot written twice)
+        moved = False  # whether a slot changed class
+        counts = [len(lst) for lst in self._slots]
+        for i, c in enumerate(classes):
+            if self.seen + i < self._protect_until:
+                continue
+            self._class_seen[c] += 1
+            if self._res_len < self._res_cap:
+                slot = self._res_len
+                self._res_len += 1
+            elif not self._full[c]:
+                top = max(counts)
+                largest = [j for j, m in enumerate(counts) if m == top]
+                victim = largest[int(u[i][0] * len(largest))]
+                lst = self._slots[victim]
+                slot = lst[int(u[i][1] * len(lst))]
+                counts[victim] -= 1
+            elif u[i][2] * self._class_seen[c] < counts[c]:  # within the class: the counts stay
+                lst = self._slots[c]
+                writes[lst[int(u[i][1] * len(lst))]] = i
+                continue
+            else:
+                continue
+            self._place(slot, c)
+            counts[c] += 1
+            writes[slot] = i
+            moved = True
+            if self._res_len == self._res_cap:  # the class sizes moved: the largest ones are full from now on
+                top = max(counts)
+                for j, m in enumerate(counts):
+                    if m == top:
+                        self._full[j] = True
+        if not writes:
+            return False
+        slots = torch.tensor(list(writes.keys()), dtype=torch.int64)
+        rows = torch.tensor(list(writes.values()), dtype=torch.int64)
+        self._write(slots, rows, images, logits, labels)
+        if moved:
+            self._cls[slots] = torch.tensor([self._slot_cls[s] for s in writes], dtype=torch.int64)
+            self._index = None
+        return True
 
     def protect(self, samples: int) -> None:
         """Freeze the reservoir for the next ``samples`` offered samples (they still reach the recent region).
@@ -184,14 +298,18 @@ class ReplayBuffer:
         self._protect_until = max(self._protect_until, self.seen + samples)
 
     # -- reading -----------------------------------------------------------------------------
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def sample(self, n: int, fresh: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """n stored samples drawn with replacement: (uint8 n×C×H×W, float32 logits n×K, int64 labels n).
 
         A ``recency_share`` of them (stochastically rounded) comes from the recent region while both
-        regions hold samples. None when the buffer is empty or n == 0. Returns copies.
+        regions hold samples. With ``balance``, the reservoir's share complements ``fresh`` rows of the
+        step (and the recent draws) at the recent class frequencies. None when the buffer is empty or
+        n == 0. Returns copies.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        if isinstance(fresh, bool) or not isinstance(fresh, int) or fresh < 0:
+            raise ValueError(f"fresh must be an integer >= 0, got {fresh!r}")
         if n == 0 or len(self) == 0:
             return None
         assert self._images is not None and self._logits is not None and self._labels is not None
@@ -202,11 +320,33 @@ class ReplayBuffer:
         else:
             want = n * self.recency_share
             k = int(want) + int(torch.rand((), generator=self._gen, dtype=torch.float64) < want - int(want))
-        idx = torch.cat([
-            torch.randint(0, max(self._res_len, 1), (n - k,), generator=self._gen),
-            self._res_cap + torch.randint(0, max(self._ring_len, 1), (k,), generator=self._gen),
-        ])
+        if self.balance and self._res_len and n > k:
+            res = self._balanced_draw(n - k, k + fresh)
+        else:
+            res = torch.randint(0, max(self._res_len, 1), (n - k,), generator=self._gen)
+        idx = torch.cat([res, self._res_cap + torch.randint(0, max(self._ring_len, 1), (k,), generator=self._gen)])
         return self._images[idx], self._logits[idx].float(), self._labels[idx]
+
+    def _balanced_draw(self, n: int, others: int) -> torch.Tensor:
+        """n reservoir slots whose classes fill up what ``others`` rows at the recent class frequencies lack."""
+        assert self._cls is not None and self._recent is not None
+        if self._index is None:  # the reservoir's slots grouped by class; rebuilt when its content changed
+            cls = self._cls[:self._res_len]
+            counts = torch.bincount(cls, minlength=self._recent.numel())
+            self._index = (torch.argsort(cls, stable=True), counts, counts.cumsum(0) - counts,
+                           torch.nonzero(counts).squeeze(1))
+        order, counts, start, held = self._index
+        have = (others * self._recent[held]).sort()
+        # Water-filling: the level L with sum(max(0, L - have)) = n, over the classes held.
+        level = (n + have.values.cumsum(0)) / torch.arange(1, held.numel() + 1, dtype=torch.float64)
+        m = int((have.values <= level).nonzero().max())
+        want = torch.zeros(held.numel(), dtype=torch.float64)
+        want[have.indices] = (level[m] - have.values).clamp(min=0.0)
+        if not bool(want.sum() > 0):
+            want.fill_(1.0)
+        pick = held[torch.multinomial(want, n, replacement=True, generator=self._gen)]
+        within = (torch.rand(n, generator=self._gen, dtype=torch.float64) * counts[pick]).long()
+        return order[start[pick] + within]
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every stored sample once (reservoir, then recent region): uint8 images, float32 logits, int64 labels."""
@@ -232,6 +372,13 @@ class ReplayBuffer:
             for name, t in (("images", self._images), ("logits", self._logits), ("labels", self._labels)):
                 state[f"reservoir_{name}"] = t[res].clone()
                 state[f"recent_{name}"] = t[ring].clone()
+            if self.balance:
+                assert self._recent is not None
+                state["class_seen"] = torch.tensor(self._class_seen, dtype=torch.int64)
+                state["class_full"] = torch.tensor(self._full, dtype=torch.bool)
+                state["class_recent"] = self._recent.clone()
+                # The order of each class's slot list decides later picks: kept for an exact resume.
+                state["class_slots"] = torch.tensor([s for lst in self._slots for s in lst], dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -267,6 +414,8 @@ class ReplayBuffer:
         res = regions["reservoir"]
         self._res_len = min(int(res[0].shape[0]), self._res_cap)
         self._write(torch.arange(self._res_len), torch.arange(self._res_len), *res)
+        if self.balance:
+            self._load_balance(state, res[1][:self._res_len].argmax(1))
 
         recent = regions["recent"]
         saved_len, saved_cap, head = int(recent[0].shape[0]), ints["ring_slots"], ints["ring_head"]
@@ -284,3 +433,35 @@ class ReplayBuffer:
             keep = order[saved_len - m:]
             self._write(self._res_cap + torch.arange(m), keep, *recent)
             self._ring_len, self._ring_head = m, m % max(self._ring_cap, 1)
+
+    def _load_balance(self, state: dict, classes: torch.Tensor) -> None:
+        """Rebuild the per-class bookkeeping from the stored samples' classes; the saved counts and
+        frequencies when the state has them (from a balanced buffer), else estimates from the reservoir."""
+        assert self._cls is not None and self._recent is not None
+        k = self._recent.numel()
+        n = classes.numel()
+        self._cls[:n] = classes
+        self._index = None
+        order = state.get("class_slots")
+        if not (isinstance(order, torch.Tensor) and order.dtype == torch.int64 and order.shape == (n,)
+                and torch.equal(order.sort().values, torch.arange(n))):
+            order = torch.arange(n)  # a different layout (or a plain buffer's state): slot order
+        cls = classes.tolist()
+        for slot in order.tolist():
+            self._place(slot, cls[slot])
+        stored = [len(lst) for lst in self._slots]
+        seen, full, recent = (state.get(n) for n in ("class_seen", "class_full", "class_recent"))
+        if isinstance(seen, torch.Tensor) and isinstance(full, torch.Tensor) and isinstance(recent, torch.Tensor):
+            if seen.shape != (k,) or full.shape != (k,) or recent.shape != (k,):
+                raise ValueError(f"replay state: class statistics are not of {k} classes")
+            if not bool(torch.isfinite(recent).all()):
+                raise ValueError("replay state: class_recent is not finite")
+            # At least the stored count: the within-class replacement probability stays at most 1.
+            self._class_seen = [max(int(a), b) for a, b in zip(seen.tolist(), stored, strict=True)]
+            self._full = [bool(f) for f in full.tolist()]
+            self._recent = recent.to(torch.float64).clone()
+        else:  # the reservoir is a uniform sample of the stream: scale its class counts up
+            scale = self.seen / max(1, classes.numel())
+            self._class_seen = [max(round(m * scale), m) for m in stored]
+            top = max(stored)
+            self._full = [m == top and m > 0 for m in stored]

@@ -55,7 +55,7 @@ class Trainer:
         self.cfg, self.learner, self.budget, self.metrics = cfg, learner, budget, metrics
         seed = cfg.train.seed
         r, g, d = cfg.replay, cfg.gate, cfg.drift
-        self.replay = ReplayBuffer(r.capacity, r.max_bytes, r.recency_share, seed) if r.enabled else None
+        self.replay = ReplayBuffer(r.capacity, r.max_bytes, r.recency_share, seed, r.balance) if r.enabled else None
         self.ema = Ema(learner.student, cfg.ema.decay) if cfg.ema.enabled else None
         self.holdout = Holdout(g.holdout_capacity, g.holdout_share, seed) if g.enabled else None
         self.gate = Gate(g.tolerance)
@@ -107,7 +107,7 @@ class Trainer:
         """The fresh rows plus a draw from the replay buffer, or None when there is nothing to train."""
         if self.replay is None:
             return (x, t, y) if x.shape[0] else None
-        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size))
+        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size), int(x.shape[0]))
         if replayed is None:
             return (x, t, y) if x.shape[0] else None
         rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
