@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from streamkd.learn.gate import Gate, Holdout
+from streamkd.learn.gate import Gate, Holdout, Predictions
 
 K = 4
 
@@ -80,6 +80,25 @@ def test_score_counts_agreement_and_accuracy_on_labelled_samples():
     got = h.score(model, lambda x: x.float(), batch_size=7)
     assert got == {"agreement": 30 / 40, "accuracy": 10 / 20, "n": 40, "labelled": 20, "revision": h.revision}
     assert model.training  # mode restored
+
+
+def test_a_prediction_cache_runs_the_model_only_on_samples_written_since():
+    """The published snapshot is scored at every candidate: with its cache, only new holdout samples cost."""
+    h = Holdout(50, 1.0, seed=0)
+    h.offer(*stream(0, 30))
+    model = PixelClassifier()
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
+    cache = Predictions()
+    first = h.score(model, lambda x: x.float(), cache=cache)
+    assert sum(seen) == 30
+    assert h.score(model, lambda x: x.float(), cache=cache) == first and sum(seen) == 30  # nothing new: no forward
+    h.offer(*stream(30, 200))  # fills the rest, then replaces reservoir slots
+    seen.clear()
+    cached = h.score(model, lambda x: x.float(), cache=cache)
+    written = sum(seen)
+    assert 20 <= written < 50  # the 20 free slots and the replaced ones, not the whole holdout again
+    assert cached == h.score(model, lambda x: x.float())  # the same answer as scoring from scratch
 
 
 def test_score_without_labels_has_no_accuracy():

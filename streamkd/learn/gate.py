@@ -22,7 +22,7 @@ from torch import nn
 
 from .replay import ReplayBuffer, check_batch
 
-__all__ = ["Gate", "Holdout"]
+__all__ = ["Gate", "Holdout", "Predictions"]
 
 _EPS = 1e-9  # scores are ratios of counts: absorb float rounding at exactly the tolerance
 
@@ -79,36 +79,41 @@ class Holdout:
 
     @torch.inference_mode()
     def score(self, model: nn.Module, to_input: Callable[[torch.Tensor], torch.Tensor],
-              batch_size: int = 256) -> dict:
+              batch_size: int = 256, cache: Predictions | None = None) -> dict:
         """Score ``model`` on the holdout: to_input maps uint8 N×C×H×W (on the model's device) to its input.
 
         Returns ``agreement`` (top-1 match with the teacher), ``accuracy`` (over samples with a label,
         None without any), ``n``, ``labelled`` and the holdout ``revision``; agreement is None when the
         holdout is empty. The model runs in eval mode; its previous mode is restored.
+
+        ``cache`` keeps this model's predictions per holdout slot between calls: only the samples
+        written since the last call go through the model (the same weights must come with the same cache).
         """
-        images, logits, labels = self._store.contents()
-        n = int(images.shape[0])
+        slots, stamps = self._store.filled()
+        _, logits, labels = self._store.contents()
+        n = int(slots.shape[0])
         out = {"agreement": None, "accuracy": None, "n": n, "labelled": 0, "revision": self.revision}
         if n == 0:
             return out
-        device = next(model.parameters(), torch.empty(0)).device
-        teacher = logits.argmax(1).to(device)
-        labels = labels.to(device)
-        agree = torch.zeros((), dtype=torch.int64, device=device)
-        correct = torch.zeros_like(agree)
-        was_training = model.training
-        model.eval()
-        try:
-            for i in range(0, n, batch_size):
-                pred = model(to_input(images[i:i + batch_size].to(device))).argmax(1)
-                agree += (pred == teacher[i:i + batch_size]).sum()
-                y = labels[i:i + batch_size]
-                correct += ((pred == y) & (y >= 0)).sum()
-        finally:
-            model.train(was_training)
-        labelled = int((labels >= 0).sum())
-        out.update(agreement=int(agree) / n, labelled=labelled,
-                   accuracy=int(correct) / labelled if labelled else None)
+        cache = cache if cache is not None else Predictions()
+        stale = cache.stale(slots, stamps)
+        todo = slots[stale]
+        if todo.numel():
+            device = next(model.parameters(), torch.empty(0)).device
+            was_training = model.training
+            model.eval()
+            try:
+                images = self._store.slot_images(todo)
+                pred = torch.cat([model(to_input(images[i:i + batch_size].to(device))).argmax(1).cpu()
+                                  for i in range(0, int(todo.numel()), batch_size)])
+            finally:
+                model.train(was_training)
+            cache.store(todo, stamps[stale], pred)
+        pred = cache.pred[slots]
+        has_label = labels >= 0
+        labelled = int(has_label.sum())
+        out.update(agreement=int((pred == logits.argmax(1)).sum()) / n, labelled=labelled,
+                   accuracy=int(((pred == labels) & has_label).sum()) / labelled if labelled else None)
         return out
 
     # -- checkpoint state ------------------------------------------------------------------
@@ -127,6 +132,27 @@ class Holdout:
         self._store.load_state_dict(store)
         self._gen.set_state(rng)
         self.offered, self.diverted = state["offered"], state["diverted"]
+
+
+class Predictions:
+    """One model's top-1 predictions per holdout slot, with the stamp of the sample each was made on."""
+
+    def __init__(self) -> None:
+        self.pred = torch.empty((0,), dtype=torch.int64)
+        self.stamps = torch.empty((0,), dtype=torch.int64)
+
+    def stale(self, slots: torch.Tensor, stamps: torch.Tensor) -> torch.Tensor:
+        """bool per slot: no prediction yet, or made on a sample that has been replaced since."""
+        size = int(slots.max()) + 1 if slots.numel() else 0
+        if size > self.pred.numel():
+            grow = size - self.pred.numel()
+            self.pred = torch.cat([self.pred, torch.zeros(grow, dtype=torch.int64)])
+            self.stamps = torch.cat([self.stamps, torch.full((grow,), -1, dtype=torch.int64)])
+        return self.stamps[slots] != stamps
+
+    def store(self, slots: torch.Tensor, stamps: torch.Tensor, pred: torch.Tensor) -> None:
+        self.pred[slots] = pred.to(torch.int64)
+        self.stamps[slots] = stamps
 
 
 class Gate:

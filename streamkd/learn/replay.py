@@ -103,6 +103,8 @@ class ReplayBuffer:
         self._labels: torch.Tensor | None = None
         self._res_cap = self._ring_cap = 0
         self._res_len = self._ring_len = self._ring_head = 0
+        self._stamps: torch.Tensor | None = None
+        self._writes = 0  # writes so far (in this process): a slot's stamp says which one filled it
         # Balance (saved): samples offered per class, classes that have been the largest, recent frequencies.
         self._class_seen: list[int] = []
         self._full: list[bool] = []
@@ -149,6 +151,7 @@ class ReplayBuffer:
         self._images = torch.zeros((slots, *shape), dtype=torch.uint8)
         self._logits = torch.zeros((slots, k), dtype=torch.float16)
         self._labels = torch.full((slots,), -1, dtype=torch.int64)
+        self._stamps = torch.zeros((slots,), dtype=torch.int64)  # per slot: the write that filled it
         if self.balance:
             self._cls = torch.full((self._res_cap,), -1, dtype=torch.int64)
             self._slot_cls, self._where = [-1] * self._res_cap, [-1] * self._res_cap
@@ -162,6 +165,8 @@ class ReplayBuffer:
         self._images[slots] = images[src]
         self._logits[slots] = logits[src]
         self._labels[slots] = labels[src]
+        self._writes += 1
+        self._stamps[slots] = self._writes
 
     def add(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Offer a batch: images uint8 N×C×H×W, teacher logits float N×K, labels int N (-1: none).
@@ -350,6 +355,22 @@ class ReplayBuffer:
         pick = held[torch.multinomial(want, n, replacement=True, generator=self._gen)]
         within = (torch.rand(n, generator=self._gen, dtype=torch.float64) * counts[pick]).long()
         return order[start[pick] + within]
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot indices, their stamps) of every stored sample, in :meth:`contents` order.
+
+        A slot's stamp changes whenever a new sample is written into it, so a result computed per slot
+        stays valid for the slots whose stamp has not changed."""
+        if self._images is None:
+            return torch.empty((0,), dtype=torch.int64), torch.empty((0,), dtype=torch.int64)
+        assert self._stamps is not None
+        idx = torch.cat([torch.arange(self._res_len), self._res_cap + torch.arange(self._ring_len)])
+        return idx, self._stamps[idx]
+
+    def slot_images(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 images stored in slots ``idx``."""
+        assert self._images is not None
+        return self._images[idx]
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every stored sample once (reservoir, then recent region): uint8 images, float32 logits, int64 labels."""

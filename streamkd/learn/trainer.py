@@ -29,7 +29,7 @@ import torch
 from streamkd.config import Config
 from streamkd.learn.drift import DriftMonitor, LrBoost
 from streamkd.learn.ema import Ema, unwrap
-from streamkd.learn.gate import Gate, Holdout
+from streamkd.learn.gate import Gate, Holdout, Predictions
 from streamkd.learn.labeller import Labelled, TeacherBudget
 from streamkd.learn.learner import Learner, S
 from streamkd.learn.replay import ReplayBuffer
@@ -69,6 +69,7 @@ class Trainer:
         self.force_next = False  # an operator asked to publish the next snapshot whatever the gate says
         self._published: dict[str, torch.Tensor] | None = None  # the weights LATEST serves (gate reference)
         self._scratch: torch.nn.Module | None = None  # a model to score published weights with
+        self._published_preds = Predictions()  # the published weights' holdout predictions, per slot
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self, lab: Labelled) -> torch.Tensor | None:
@@ -177,6 +178,7 @@ class Trainer:
     def published(self, weights: dict[str, torch.Tensor]) -> None:
         """``weights`` are now what LATEST serves (the gate compares the next candidates with them)."""
         self._published = weights
+        self._published_preds = Predictions()
 
     def _score_published(self) -> dict | None:
         if self._published is None:
@@ -184,7 +186,7 @@ class Trainer:
         if self._scratch is None:
             self._scratch = copy.deepcopy(unwrap(self.learner.student))
         self._scratch.load_state_dict(self._published)
-        return self.holdout.score(self._scratch, self.learner.spec)
+        return self.holdout.score(self._scratch, self.learner.spec, cache=self._published_preds)
 
     def manifest(self) -> dict:
         """What a snapshot's manifest records about learning: budget, replay, gate and drift."""
