@@ -162,9 +162,11 @@ class Trainer:
         if self.holdout is None or not len(self.holdout):
             return Candidate(weights, which, True, "no holdout yet" if self.holdout else "gate off", None, None)
         model = self.ema.module if self.ema is not None else unwrap(self.learner.student)
-        score = self.holdout.score(model, self.learner.spec)
+        preds = Predictions()
+        score = self.holdout.score(model, self.learner.spec, cache=preds)
         published = self._score_published()
-        accepted, reason = self.gate.decide(score, published)
+        paired = self.holdout.paired(preds, self._published_preds) if published is not None else None
+        accepted, reason = self.gate.decide(score, published, paired)
         if force and not accepted:
             accepted, reason = True, f"forced by an operator ({reason})"
         if not accepted:
