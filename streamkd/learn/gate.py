@@ -13,7 +13,6 @@ again when the revision in their score is not the current one.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 
@@ -117,22 +116,6 @@ class Holdout:
                    accuracy=int(((pred == labels) & has_label).sum()) / labelled if labelled else None)
         return out
 
-    def paired(self, candidate: Predictions, published: Predictions) -> dict[str, tuple[int, int]]:
-        """Per measure, (worse, better): held-out samples the published weights get right and the candidate
-        wrong, and the other way round (both caches must be up to date with :meth:`score`).
-
-        ``agreement`` counts matches with the teacher, ``accuracy`` matches with the labels (labelled samples).
-        """
-        slots, _ = self._store.filled()
-        _, logits, labels = self._store.contents()
-        cand, pub = candidate.pred[slots], published.pred[slots]
-        out = {}
-        for name, truth, rows in (("agreement", logits.argmax(1), torch.ones_like(labels, dtype=torch.bool)),
-                                  ("accuracy", labels, labels >= 0)):
-            c, p = (cand == truth) & rows, (pub == truth) & rows
-            out[name] = (int((p & ~c).sum()), int((c & ~p).sum()))
-        return out
-
     # -- checkpoint state ------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Tensors and ints only (loads with ``torch.load(weights_only=True)``)."""
@@ -173,29 +156,18 @@ class Predictions:
 
 
 class Gate:
-    """Accept a candidate unless its holdout score is worse than the published one by more than ``tolerance``
-    and the difference is more than the holdout's sampling noise.
+    """Accept a candidate unless its holdout score is worse than the published one by more than ``tolerance``.
 
-    Agreement with the teacher is always compared; accuracy too when both scores have it. Both snapshots
-    are scored on the same samples, so the noise test is McNemar's on the samples they disagree about:
-    with ``worse`` samples only the published snapshot gets right and ``better`` only the candidate, the
-    drop counts when ``worse - better > Z * sqrt(worse + better)`` (``Z`` 2, about 2.3 % of false
-    rejections for a candidate as good as the published one). On a small holdout a drop of one or two
-    samples is not evidence of a worse model.
+    Agreement with the teacher is always compared; accuracy too when both scores have it.
     """
-
-    Z = 2.0
 
     def __init__(self, tolerance: float) -> None:
         if not 0.0 <= tolerance <= 1.0:
             raise ValueError(f"tolerance must be in [0, 1], got {tolerance!r}")
         self.tolerance = float(tolerance)
 
-    def decide(self, candidate: dict, published: dict | None,
-               paired: dict[str, tuple[int, int]] | None = None) -> tuple[bool, str]:
-        """(accept, reason) for a candidate's :meth:`Holdout.score` against the published snapshot's;
-        ``paired`` (:meth:`Holdout.paired`) adds the noise test (without it any drop beyond the tolerance
-        rejects)."""
+    def decide(self, candidate: dict, published: dict | None) -> tuple[bool, str]:
+        """(accept, reason) for a candidate's :meth:`Holdout.score` against the published snapshot's."""
         if published is None:
             return True, "first snapshot"
         if candidate.get("agreement") is None or published.get("agreement") is None:
@@ -206,12 +178,7 @@ class Gate:
         parts = []
         for name, cand, pub in checks:
             if cand < pub - self.tolerance - _EPS:
-                worse, better = (paired or {}).get(name, (None, None))
-                if worse is None or worse - better > self.Z * math.sqrt(worse + better):
-                    return False, (f"{name} {cand:.4f} < published {pub:.4f} - tolerance {self.tolerance:g} "
-                                   f"(n={candidate.get('n')})")
-                parts.append(f"{name} {cand:.4f} vs published {pub:.4f}, within the holdout's noise "
-                             f"({worse} worse, {better} better)")
-                continue
+                return False, (f"{name} {cand:.4f} < published {pub:.4f} - tolerance {self.tolerance:g} "
+                               f"(n={candidate.get('n')})")
             parts.append(f"{name} {cand:.4f} vs published {pub:.4f}")
         return True, ", ".join(parts) + f" (tolerance {self.tolerance:g})"

@@ -162,11 +162,9 @@ class Trainer:
         if self.holdout is None or not len(self.holdout):
             return Candidate(weights, which, True, "no holdout yet" if self.holdout else "gate off", None, None)
         model = self.ema.module if self.ema is not None else unwrap(self.learner.student)
-        preds = Predictions()
-        score = self.holdout.score(model, self.learner.spec, cache=preds)
+        score = self.holdout.score(model, self.learner.spec)
         published = self._score_published()
-        paired = self.holdout.paired(preds, self._published_preds) if published is not None else None
-        accepted, reason = self.gate.decide(score, published, paired)
+        accepted, reason = self.gate.decide(score, published)
         if force and not accepted:
             accepted, reason = True, f"forced by an operator ({reason})"
         if not accepted:
