@@ -199,9 +199,6 @@ class DriftConfig:
     # linearly back to ema.decay over ema_steps updates (ema_steps 0: off).
     ema_decay: float = 0.9
     ema_steps: int = 400
-    # While the learning-rate boost runs, this share of the replayed samples comes from the most recent
-    # ones (replay.recency_share otherwise): the student trains mostly on the new content.
-    recency_share: float = 0.75
 
 
 @dataclass(frozen=True)
@@ -589,7 +586,6 @@ def _validate_learning(cfg: Config) -> None:
     _fraction("teacher.agreement_drop", t.agreement_drop)
     _positive(cfg, "drift", "lr_boost", "boost_steps")
     _positive(cfg, "drift", "protect_samples", "ema_steps", allow_zero=True)
-    _fraction("drift.recency_share", cfg.drift.recency_share)
     if not 0.0 < cfg.drift.ema_decay < 1.0:
         raise ConfigError("drift.ema_decay", f"must be in (0, 1), got {cfg.drift.ema_decay}")
 

@@ -65,7 +65,6 @@ def test_env_names_map_to_dotted_keys():
     (["drift.ema_steps=-1"], "drift.ema_steps", ">= 0"),
     (["drift.ema_steps=2.5"], "drift.ema_steps", "integer"),
     (["replay.balance=maybe"], "replay.balance", "true or false"),
-    (["drift.recency_share=2"], "drift.recency_share", "[0, 1]"),
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:

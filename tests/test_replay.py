@@ -92,18 +92,6 @@ def test_recent_region_holds_the_latest_samples_and_gets_its_share_of_draws():
     assert sum(int(i) in latest for i in drawn.tolist()) / drawn.numel() < 0.05
 
 
-@pytest.mark.parametrize("recency, low, high", [(0.75, 0.73, 0.78), (1.0, 1.0, 1.0), (0.0, 0.0, 0.05)])
-def test_a_draw_can_ask_for_another_recent_share(recency, low, high):
-    """After a drift the trainer asks for more recent samples than ``recency_share`` for a while."""
-    buf = ReplayBuffer(100, 10**9, 0.25, 0)
-    feed(buf, 3000, 64)
-    latest = set(range(3000 - 25, 3000))
-    drawn = torch.cat([buf.sample(7, recency=recency)[2] for _ in range(2000)])
-    assert low <= sum(int(i) in latest for i in drawn.tolist()) / drawn.numel() <= high
-    with pytest.raises(ValueError, match="recency"):
-        buf.sample(7, recency=1.5)
-
-
 def test_recency_share_one_is_a_fifo():
     buf = ReplayBuffer(30, 10**9, 1.0, 0)
     feed(buf, 500, 17)

@@ -177,23 +177,6 @@ def test_a_drift_raises_the_budget_and_the_learning_rate_and_protects_replay(tmp
     assert tr.manifest()["drift"]["detected"] == 1
 
 
-def test_while_the_boost_runs_replay_leans_on_recent_samples(tmp_path):
-    cfg = config(tmp_path, "drift.boost_steps=2", "drift.recency_share=0.9", "gate.enabled=false", plain=False)
-    parts = daemon.build(cfg, intake=MemoryIntake(batches(3)))
-    run(parts, 3 * BATCH)
-    tr = parts.trainer
-    asked = []
-    real = tr.replay.sample
-    tr.replay.sample = lambda n, fresh=0, recency=None: (asked.append(recency), real(n, fresh, recency))[1]
-    step = lambda: tr.step(parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1)))  # noqa: E731
-    step()
-    tr.on_drift({"signal": "agreement", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5})
-    step()
-    step()
-    step()
-    assert asked == [None, 0.9, 0.9, None]  # the configured share until the boost's two steps are over
-
-
 def test_a_drift_makes_the_served_ema_follow_the_student(tmp_path):
     cfg = config(tmp_path, "drift.ema_decay=0.5", "drift.ema_steps=10", "gate.enabled=false", plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(4)))

@@ -108,10 +108,7 @@ class Trainer:
         """The fresh rows plus a draw from the replay buffer, or None when there is nothing to train."""
         if self.replay is None:
             return (x, t, y) if x.shape[0] else None
-        # While a drift's learning-rate boost runs, replay leans on the recent samples (the new content).
-        recency = self.cfg.drift.recency_share if self.boost.remaining > 0 else None
-        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size), int(x.shape[0]),
-                                      recency)
+        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size), int(x.shape[0]))
         if replayed is None:
             return (x, t, y) if x.shape[0] else None
         rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
