@@ -61,6 +61,19 @@ def gated(tmp_path, *extra):
     return parts, prog
 
 
+def test_a_published_candidates_holdout_predictions_are_reused(tmp_path):
+    """Publishing a candidate keeps its holdout predictions: the next candidate re-scores nothing of it."""
+    parts, prog = gated(tmp_path)
+    parts.persistence.snapshot(prog, sync=True)  # the same weights again: accepted, snapshot 2
+    tr = parts.trainer
+    slots, _ = tr.holdout._store.filled()
+    assert not tr._published_preds.stale(slots, tr.holdout._store.filled()[1]).any()
+    seen = []
+    tr._scratch.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
+    tr.candidate()
+    assert seen == []  # the published snapshot's predictions were all still valid
+
+
 def test_the_gate_keeps_a_worse_candidate_from_latest(tmp_path):
     parts, prog = gated(tmp_path)
     good = parts.trainer.candidate().score

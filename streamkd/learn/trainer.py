@@ -48,6 +48,7 @@ class Candidate:
     reason: str
     score: dict | None  # the candidate on the holdout
     published_score: dict | None  # the last published snapshot on the same holdout
+    predictions: Predictions | None = None  # the candidate's holdout predictions (reused once it is published)
 
 
 class Trainer:
@@ -159,7 +160,8 @@ class Trainer:
         if self.holdout is None or not len(self.holdout):
             return Candidate(weights, which, True, "no holdout yet" if self.holdout else "gate off", None, None)
         model = self.ema.module if self.ema is not None else unwrap(self.learner.student)
-        score = self.holdout.score(model, self.learner.spec)
+        preds = Predictions()
+        score = self.holdout.score(model, self.learner.spec, cache=preds)
         published = self._score_published()
         accepted, reason = self.gate.decide(score, published)
         if force and not accepted:
@@ -170,12 +172,14 @@ class Trainer:
             self.metrics.gate_rejections.inc()
             log.warning("snapshot gate: candidate rejected (%s); candidate %s, published %s", reason,
                         _brief(score), _brief(published))
-        return Candidate(weights, which, accepted, reason, score, published)
+        return Candidate(weights, which, accepted, reason, score, published, preds)
 
-    def published(self, weights: dict[str, torch.Tensor]) -> None:
-        """``weights`` are now what LATEST serves (the gate compares the next candidates with them)."""
+    def published(self, weights: dict[str, torch.Tensor], predictions: Predictions | None = None) -> None:
+        """``weights`` are now what LATEST serves (the gate compares the next candidates with them).
+
+        ``predictions``: theirs on the holdout, when the candidate's scoring just made them."""
         self._published = weights
-        self._published_preds = Predictions()
+        self._published_preds = predictions if predictions is not None else Predictions()
 
     def _score_published(self) -> dict | None:
         if self._published is None:

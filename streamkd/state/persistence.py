@@ -150,7 +150,7 @@ class Persistence:
             weights = cand.weights
             manifest.update(self.trainer.manifest(), weights=cand.which, holdout=cand.score,
                             gate_decision={"reason": cand.reason, "published": cand.published_score})
-            self.trainer.published(weights)
+            self.trainer.published(weights, cand.predictions)
         self._snap = self.metrics.watch_write(self._submit(self._publish, weights, manifest),
                                               "snapshot")
         if sync:
