@@ -36,6 +36,9 @@ Scenarios (``--scenario``):
   as confident as real ones (each row's own logits with its classes randomly permuted). A snapshot every 512
   records. ``regressed_published``: published snapshots whose clean-test accuracy is more than 1 point below
   the previous published one's (``regressed_at``: their stream positions); run with the gate and without it.
+  ``gate_throughput_cost``: the share of the gated run's loop time spent in the gate's own work (holdout
+  offers, candidate scoring), timed inside the run; ``gate_wall_cost``: 1 - gated / ungated images/s of
+  the two runs (noisier: separate runs differ by a few percent on a shared CPU).
 
 "plain" is the same daemon with replay, EMA, gate, drift handling off and the full teacher budget.
 ``--set key=value`` overrides apply to every run (the plain one gets its own settings on top).
@@ -243,6 +246,7 @@ class Run:
     detections: list[int] | None  # stream positions where the drift counter moved; None: no such metric
     totals: dict[str, float | None]  # END_METRICS at the end of the run (None: not exported)
     poisoned_rows: int = 0  # teacher rows replaced by random logits (poisoned-teacher)
+    gate_share: float | None = None  # share of the loop's time spent in the gate's own work (None: gate off)
 
 
 class Watch:
@@ -262,15 +266,26 @@ class Watch:
         self.phase_versions: list[int | None] = []
         self.drift_seen = 0.0
         self.detections: list[int] = []
+        self.in_callback = False
+
+    @property
+    def counting(self) -> bool:
+        """True while the throughput clock runs (after the first batch, before the stop, outside callbacks)."""
+        return self.t0 is not None and not self.t1 and not self.in_callback
+
+    def loop_seconds(self) -> float:
+        return max(self.t1 - self.t0 - self.paused, 1e-9) if self.t0 is not None else 0.0
 
     def on_progress(self, prog) -> None:
         t = time.perf_counter()
+        self.in_callback = True
         self.position = prog.records_done
         if self.t0 is None and prog.records_done > 0:
             self.t0, self.r0 = t, prog.records_done
         self.note_published()
         self._note_drift()
         self._phase_end_snapshot(prog)
+        self.in_callback = False
         self.paused += time.perf_counter() - t
 
     def stop_when(self, prog) -> bool:
@@ -305,6 +320,28 @@ class Watch:
 
 
 # ---- the bench -----------------------------------------------------------------------------------------
+
+
+class GateClock:
+    """Seconds the publishing gate's own work takes inside the loop: holdout offers and candidate scoring.
+
+    Two runs that differ only in the gate differ by a few percent from run to run on a shared CPU, more than
+    the gate costs; timing the gate's calls inside one run measures its cost directly."""
+
+    def __init__(self, trainer, watch: Watch):
+        self.watch, self.seconds = watch, 0.0
+        trainer.candidate = self._timed(trainer.candidate)
+        trainer.holdout.offer = self._timed(trainer.holdout.offer)
+
+    def _timed(self, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.watch.counting:
+                    self.seconds += time.perf_counter() - t
+        return call
 
 
 class Bench:
@@ -347,6 +384,7 @@ class Bench:
         if poison is not None:  # the labeller calls the teacher (parts.teacher only serves warm-up and scoring)
             poisoned = PoisonedTeacher(parts.labeller.teacher, poison, lambda: watch.position, self.args.seed)
             parts.labeller.teacher = poisoned
+        clock = GateClock(parts.trainer, watch) if parts.trainer.holdout is not None else None
         log(f"run {name}: {stream.phase_ends[-1]} records, overrides {overrides}")
         daemon.run(parts, threading.Event(), on_progress=watch.on_progress, stop_when=watch.stop_when)
         watch.note_published()  # the final snapshot, written as the loop stopped
@@ -354,7 +392,8 @@ class Bench:
         run = Run(name, stream.phase_ends[-1], watch.img_s(), Path(cfg.snapshot.dir), topic, cfg.teacher.budget,
                   watch.published, watch.phase_versions,
                   None if totals["streamkd_drift_detected_total"] is None else watch.detections, totals,
-                  poisoned.poisoned if poisoned is not None else 0)
+                  poisoned.poisoned if poisoned is not None else 0,
+                  clock.seconds / watch.loop_seconds() if clock is not None else None)
         log(f"run {name}: {run.img_s:.0f} img/s, {len(run.published)} snapshots published")
         return run
 
@@ -621,7 +660,8 @@ def poisoned_teacher(bench: Bench) -> dict:
     regressed_ungated, accs_ungated = regressions(bench, ungated)
     out = common(bench, gated)
     out.update(regressed_published=len(regressed), regressed_published_without_gate=len(regressed_ungated),
-               gate_throughput_cost=round(1 - gated.img_s / ungated.img_s, 4), poison_window=list(window),
+               gate_throughput_cost=_r(gated.gate_share), gate_wall_cost=round(1 - gated.img_s / ungated.img_s, 4),
+               poison_window=list(window),
                poisoned_rows=gated.poisoned_rows, poisoned_rows_without_gate=ungated.poisoned_rows,
                regressed_at=regressed, regressed_at_without_gate=regressed_ungated,
                gate_rejections=gated.totals["streamkd_snapshot_gate_rejections_total"],

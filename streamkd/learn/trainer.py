@@ -84,8 +84,9 @@ class Trainer:
         if self.holdout is not None and x.shape[0]:
             keep = self.holdout.offer(x, t, y)
             self.held_out = int((~keep).sum())
-            keep = keep.to(x.device)
-            x, t, y, random = x[keep], t[keep], y[keep], random[keep]
+            if self.held_out:  # most batches lose nothing to the holdout: no copies then
+                keep = keep.to(x.device)
+                x, t, y, random = x[keep], t[keep], y[keep], random[keep]
         fresh = int(x.shape[0])
         batch = self._with_replay(x, t, y)
         if batch is None:
