@@ -215,6 +215,28 @@ def test_kill9_three_times_trains_each_record_exactly_once(broker, topic, tmp_pa
     assert_exactly_once(tmp_path, broker.bootstrap, topic, counts, trained=n), f"seed {seed}"
 
 
+def test_kill9_at_a_quarter_budget_covers_every_record_once(broker, topic, tmp_path, daemon_factory):
+    """Below the full budget a step reads batch_size / budget records and trains only the labelled ones:
+    after kills, every record is still covered once (offsets, commits) and a quarter of them trained."""
+    n = 4000
+    counts = produce_values(broker.bootstrap, topic, [tiny_npy(i) for i in range(n)])
+    port = free_port()
+    config = write_config(tmp_path, broker.bootstrap, topic, port, **FAST, teacher={"budget": 0.25})
+    d = daemon_factory(config, port)
+    for want in (150, 300):
+        d.wait_metric("streamkd_samples_trained_total", want, timeout=90)
+        d.kill()
+        d = daemon_factory(config, port)
+    wait_committed(d, broker.bootstrap, topic, counts, timeout=120)
+    assert d.stop() == 0, d.tail()
+    manifest, meta = final_state(tmp_path, topic)
+    want = {str(p): c for p, c in counts.items()}
+    assert meta["offsets"] == manifest["offsets"] == {topic: want}
+    assert committed(broker.bootstrap, topic, f"g-{topic}", len(counts)) == counts
+    assert 0.2 * n < meta["samples_seen"] == manifest["samples_seen"] < 0.3 * n, meta["samples_seen"]
+    snapshot_weights_finite(tmp_path / "snap")
+
+
 # ------------------------------------------------------------------ broker absent, then frozen
 
 def test_broker_absent_at_start_then_frozen_mid_stream(tmp_path, daemon_factory):
