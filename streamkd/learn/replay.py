@@ -111,7 +111,6 @@ class ReplayBuffer:
         self._recent: torch.Tensor | None = None  # float64 K
         # Balance (derived from the stored logits, rebuilt on load): each reservoir slot's class, and
         # per class its slots (``_where[s]``: the position of slot s in ``_slots[class]``).
-        self._cls: torch.Tensor | None = None
         self._slot_cls: list[int] = []
         self._slots: list[list[int]] = []
         self._where: list[int] = []
@@ -153,7 +152,6 @@ class ReplayBuffer:
         self._labels = torch.full((slots,), -1, dtype=torch.int64)
         self._stamps = torch.zeros((slots,), dtype=torch.int64)  # per slot: the write that filled it
         if self.balance:
-            self._cls = torch.full((self._res_cap,), -1, dtype=torch.int64)
             self._slot_cls, self._where = [-1] * self._res_cap, [-1] * self._res_cap
             self._slots = [[] for _ in range(k)]
             self._class_seen, self._full = [0] * k, [False] * k
@@ -247,7 +245,6 @@ class ReplayBuffer:
 
     def _add_balanced(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> bool:
         """CBRS over the batch (module docstring); returns whether anything was stored."""
-        assert self._cls is not None
         n = int(images.shape[0])
         classes = logits.argmax(1).tolist()
         u = torch.rand((n, 3), generator=self._gen, dtype=torch.float64).tolist()  # one row per sample, always
@@ -289,7 +286,6 @@ class ReplayBuffer:
         rows = torch.tensor(list(writes.values()), dtype=torch.int64)
         self._write(slots, rows, images, logits, labels)
         if moved:
-            self._cls[slots] = torch.tensor([self._slot_cls[s] for s in writes], dtype=torch.int64)
             self._index = None
         return True
 
@@ -334,9 +330,9 @@ class ReplayBuffer:
 
     def _balanced_draw(self, n: int, others: int) -> torch.Tensor:
         """n reservoir slots whose classes fill up what ``others`` rows at the recent class frequencies lack."""
-        assert self._cls is not None and self._recent is not None
+        assert self._recent is not None
         if self._index is None:  # the reservoir's slots grouped by class; rebuilt when its content changed
-            cls = self._cls[:self._res_len]
+            cls = torch.tensor(self._slot_cls[:self._res_len], dtype=torch.int64)
             counts = torch.bincount(cls, minlength=self._recent.numel())
             self._index = (torch.argsort(cls, stable=True), counts, counts.cumsum(0) - counts,
                            torch.nonzero(counts).squeeze(1))
@@ -458,10 +454,9 @@ class ReplayBuffer:
     def _load_balance(self, state: dict, classes: torch.Tensor) -> None:
         """Rebuild the per-class bookkeeping from the stored samples' classes; the saved counts and
         frequencies when the state has them (from a balanced buffer), else estimates from the reservoir."""
-        assert self._cls is not None and self._recent is not None
+        assert self._recent is not None
         k = self._recent.numel()
         n = classes.numel()
-        self._cls[:n] = classes
         self._index = None
         order = state.get("class_slots")
         if not (isinstance(order, torch.Tensor) and order.dtype == torch.int64 and order.shape == (n,)
