@@ -90,7 +90,6 @@ class Holdout:
         written since the last call go through the model (the same weights must come with the same cache).
         """
         slots, stamps = self._store.filled()
-        _, logits, labels = self._store.contents()
         n = int(slots.shape[0])
         out = {"agreement": None, "accuracy": None, "n": n, "labelled": 0, "revision": self.revision}
         if n == 0:
@@ -110,9 +109,10 @@ class Holdout:
                 model.train(was_training)
             cache.store(todo, stamps[stale], pred)
         pred = cache.pred[slots]
+        teacher, labels = self._store.slot_targets(slots)
         has_label = labels >= 0
         labelled = int(has_label.sum())
-        out.update(agreement=int((pred == logits.argmax(1)).sum()) / n, labelled=labelled,
+        out.update(agreement=int((pred == teacher).sum()) / n, labelled=labelled,
                    accuracy=int(((pred == labels) & has_label).sum()) / labelled if labelled else None)
         return out
 

@@ -365,6 +365,11 @@ class ReplayBuffer:
         assert self._images is not None
         return self._images[idx]
 
+    def slot_targets(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-1 classes and the labels (-1: none) stored in slots ``idx``: int64 each."""
+        assert self._logits is not None and self._labels is not None
+        return self._logits[idx].argmax(1), self._labels[idx]
+
     def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every stored sample once (reservoir, then recent region): uint8 images, float32 logits, int64 labels."""
         if self._images is None:
