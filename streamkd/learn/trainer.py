@@ -70,6 +70,7 @@ class Trainer:
         self.force_next = False  # an operator asked to publish the next snapshot whatever the gate says
         self._published: dict[str, torch.Tensor] | None = None  # the weights LATEST serves (gate reference)
         self._scratch: torch.nn.Module | None = None  # a model to score published weights with
+        self._scratch_holds: dict[str, torch.Tensor] | None = None  # the weights loaded into it
         self._published_preds = Predictions()  # the published weights' holdout predictions, per slot
 
     # -- one step ----------------------------------------------------------------------------------
@@ -187,7 +188,9 @@ class Trainer:
             return None
         if self._scratch is None:
             self._scratch = copy.deepcopy(unwrap(self.learner.student))
-        self._scratch.load_state_dict(self._published)
+        if self._scratch_holds is not self._published:  # loaded once per published snapshot
+            self._scratch.load_state_dict(self._published)
+            self._scratch_holds = self._published
         return self.holdout.score(self._scratch, self.learner.spec, cache=self._published_preds)
 
     def manifest(self) -> dict:
