@@ -316,7 +316,7 @@ class Watch:
             self.drift_seen = d
 
     def img_s(self) -> float:
-        return (self.ends[-1] - self.r0) / max(self.t1 - self.t0 - self.paused, 1e-9)
+        return (self.ends[-1] - self.r0) / self.loop_seconds()
 
 
 # ---- the bench -----------------------------------------------------------------------------------------
