@@ -14,12 +14,14 @@ Scenarios (``--scenario``):
 * ``class-incremental``: 5 phases of 2 classes (0-1, 2-3, ...), each phase shuffled. A snapshot is taken at
   every phase end. ``mean_forgetting``: over phases 1..4, the best accuracy on that phase's classes at its
   own or any later phase end (before the last), minus the accuracy on them at the end. The same images in
-  one shuffled order (an i.i.d. stream of the same length) run as the reference, which gives two more keys.
+  one shuffled order (an i.i.d. stream of the same length) run as the reference, for the keys below.
   ``forgetting_floor_iid``: ``mean_forgetting`` of a learner that forgets nothing, the i.i.d. run's final
   snapshot, scored at each phase end on the label space seen by then (its logits of the classes not yet
   streamed are masked): the part of the metric that comes from a 10-way task being harder than a 2-, 4-,
-  6- or 8-way one. ``forgetting_vs_iid``: over phases 1..4, the i.i.d. run's final accuracy on that phase's
-  classes minus the class-incremental run's: the part that comes from the order.
+  6- or 8-way one. ``forgetting_floor_teacher``: the same for the teacher (the metric's value for a model
+  that never forgets and is as accurate as the teacher). ``forgetting_vs_iid``: over phases 1..4, the
+  i.i.d. run's final accuracy on that phase's classes minus the class-incremental run's: the part that
+  comes from the order.
 * ``shift``: 30k clean, 30k corrupted, 10k clean. The corruption is a camera that moved: every image
   translated by SHIFT_PX pixels right and down, the uncovered border black. It is a real change for the
   student and not for the teacher: a student trained on clean images scores near chance on the translated
@@ -360,6 +362,7 @@ class Bench:
             self.tests["corrupted"] = corrupt(self.test_x)
         self.rng = np.random.default_rng(args.seed)
         self.teacher_acc: dict[str, float] = {}
+        self.teacher: tuple = (None, None)  # the teacher model and its input spec, kept by the first run
         self.device = "cpu"
         self._evals: dict[tuple, float] = {}
 
@@ -418,6 +421,7 @@ class Bench:
 
         if self.teacher_acc:
             return
+        self.teacher = (parts.teacher.model, parts.teacher.spec)
         for test, x in self.tests.items():
             self.teacher_acc[test] = evaluate(parts.teacher.model, x, self.test_y, parts.teacher.spec,
                                               device=parts.device)["acc"]
@@ -524,15 +528,14 @@ def forgetting(bench: Bench, run: Run) -> tuple[float | None, float | None, list
     return bench.served_acc(run, latest(run)), forgetting_of(table), table
 
 
-def forgetting_floor(bench: Bench, run: Run) -> tuple[float | None, list[list[float | None]]]:
-    """``forgetting_of`` the final snapshot of ``run`` where, at phase end j, only the classes of phases 0..j
-    can be predicted: what the metric reads for a learner that never forgets."""
+def forgetting_floor(bench: Bench, model: torch.nn.Module | None,
+                     spec) -> tuple[float | None, list[list[float | None]]]:
+    """``forgetting_of`` a fixed ``model`` where, at phase end j, only the classes of phases 0..j can be
+    predicted: what the metric reads for a learner that never forgets and is as good as ``model``."""
     from streamkd.learn.evaluation import evaluate
 
-    version = latest(run)
-    if version is None:
+    if model is None:
         return None, []
-    model, spec = bench._load(run, version)
     table = []
     for j in range(len(PHASE_CLASSES)):
         allowed = torch.tensor([c for cs in PHASE_CLASSES[:j + 1] for c in cs])
@@ -572,14 +575,17 @@ def class_incremental(bench: Bench) -> dict:
     final, mean, table = forgetting(bench, configured)
     plain_final, plain_mean, _ = forgetting(bench, plain)
     iid_final, _, iid_table = forgetting(bench, reference)
-    floor, floor_table = forgetting_floor(bench, reference)
+    version = latest(reference)
+    floor, floor_table = forgetting_floor(bench, *(bench._load(reference, version) if version else (None, None)))
+    teacher_floor, _ = forgetting_floor(bench, *bench.teacher)
     gaps = [a - b for a, b in zip(iid_table[-1][:-1], table[-1][:-1], strict=True) if a is not None and b is not None]
     out = common(bench, configured)
     out.update(final_acc=_r(final), mean_forgetting=_r(mean),
                buffer_samples=configured.totals["streamkd_replay_buffer_samples"], plain_final_acc=_r(plain_final),
                plain_mean_forgetting=_r(plain_mean), plain_img_s=round(plain.img_s, 1),
                phase_acc=[[_r(a) for a in row] for row in table],
-               forgetting_floor_iid=_r(floor), forgetting_vs_iid=_r(sum(gaps) / len(gaps) if gaps else None),
+               forgetting_floor_iid=_r(floor), forgetting_floor_teacher=_r(teacher_floor),
+               forgetting_vs_iid=_r(sum(gaps) / len(gaps) if gaps else None),
                iid_final_acc=_r(iid_final), iid_phase_acc=[_r(a) for a in iid_table[-1]],
                floor_phase_acc=[[_r(a) for a in row] for row in floor_table])
     return out

@@ -190,8 +190,11 @@ class DriftConfig:
 
     enabled: bool = True
     detector: Literal["adwin", "page_hinkley"] = "adwin"
-    lr_boost: float = 3.0  # learning-rate factor right after a drift, decaying back to 1
-    boost_steps: int = 200  # steps over which the boost decays
+    lr_boost: float = 2.0  # learning-rate factor right after a drift, decaying back to 1
+    boost_steps: int = 400  # steps over which the boost decays
+    # Updates per labelled batch while the boost lasts (at least train.steps_per_batch's): the fresh rows of
+    # the new regime are trained again with new replayed samples, so fewer records are needed to learn it.
+    boost_updates: int = 4
     # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
     # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.
     protect_samples: int = 0
@@ -584,7 +587,7 @@ def _validate_learning(cfg: Config) -> None:
     if t.target_agreement is not None:
         _fraction("teacher.target_agreement", t.target_agreement, zero=False)
     _fraction("teacher.agreement_drop", t.agreement_drop)
-    _positive(cfg, "drift", "lr_boost", "boost_steps")
+    _positive(cfg, "drift", "lr_boost", "boost_steps", "boost_updates")
     _positive(cfg, "drift", "protect_samples", "ema_steps", allow_zero=True)
     if not 0.0 < cfg.drift.ema_decay < 1.0:
         raise ConfigError("drift.ema_decay", f"must be in (0, 1), got {cfg.drift.ema_decay}")

@@ -61,6 +61,18 @@ def gated(tmp_path, *extra):
     return parts, prog
 
 
+def test_rows_taken_by_the_holdout_are_made_up_from_the_replay_buffer(tmp_path):
+    """A step trains on as many rows with the gate as without it: its shape does not depend on the holdout."""
+    cfg = config(tmp_path, "snapshot.every_steps=1000", "gate.holdout_share=0.25", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(12)))
+    rows, real = [], parts.learner.step
+    parts.learner.step = lambda x, *a, **k: (rows.append(int(x.shape[0])), real(x, *a, **k))[1]
+    run(parts, 12 * BATCH)
+    assert parts.trainer.holdout is not None and len(parts.trainer.holdout) > 12  # about a quarter held out
+    assert rows[0] < BATCH  # the first step has no buffer to draw from
+    assert rows[1:] == [2 * BATCH] * 11  # replay.ratio 1: a full batch of replay beside each full batch
+
+
 def test_a_published_candidates_holdout_predictions_are_reused(tmp_path):
     """Publishing a candidate keeps its holdout predictions: the next candidate re-scores nothing of it."""
     parts, prog = gated(tmp_path)
@@ -190,8 +202,25 @@ def test_a_drift_raises_the_budget_and_the_learning_rate_and_protects_replay(tmp
     assert tr.manifest()["drift"]["detected"] == 1
 
 
+def test_a_drift_trains_each_batch_boost_updates_times_while_the_boost_lasts(tmp_path):
+    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
+    run(parts, 2 * BATCH)
+    tr, sched = parts.trainer, parts.learner.scheduler
+    lab = parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1))
+    before = sched.last_epoch
+    tr.step(lab)
+    assert sched.last_epoch == before + 1  # no drift: one update per batch at the full budget
+    tr.on_drift({"signal": "confidence", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5})
+    for expected in (3, 3, 1):  # two boosted steps, then back to one update
+        before = sched.last_epoch
+        tr.step(lab)
+        assert sched.last_epoch - before == expected
+
+
 def test_a_drift_makes_the_served_ema_follow_the_student(tmp_path):
-    cfg = config(tmp_path, "drift.ema_decay=0.5", "drift.ema_steps=10", "gate.enabled=false", plain=False)
+    cfg = config(tmp_path, "drift.ema_decay=0.5", "drift.ema_steps=10", "drift.boost_updates=1", "gate.enabled=false",
+                 plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(4)))
     run(parts, 4 * BATCH)
     tr = parts.trainer

@@ -12,13 +12,14 @@ The detectors' windows are not saved: after a restart they start empty (they nee
 to be armed again). :meth:`DriftMonitor.state_dict` keeps only the counters. :class:`LrBoost` and the budget
 controller (``budget.BudgetController``) do survive restarts.
 
-Configuration keys (proposed, section ``drift``):
+Configuration keys (section ``drift``):
 
 - ``drift.enabled``: run the monitor. Default true.
 - ``drift.detector``: ``adwin`` (``river.drift.ADWIN``) or ``page_hinkley`` (``river.drift.PageHinkley``).
   Default ``adwin``.
-- ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 3.0.
-- ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 200.
+- ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 2.0.
+- ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 400.
+- ``drift.boost_updates``: updates per labelled batch while the boost lasts (the trainer's). Default 4.
 
 On a detection the loop is expected to raise the budget to its ceiling, start the boost, protect the
 replay buffer's older content, log :meth:`DriftEvent.as_dict` as one structured event, count it, and

@@ -99,7 +99,7 @@ class Trainer:
             self.replay.add(x, t, y)
             self.metrics.replay_buffer(len(self.replay), self.replay.nbytes)
         self._watch(lab, t, random, fresh)
-        for _ in range(self.budget.steps_per_batch(self.cfg.train.steps_per_batch) - 1):
+        for _ in range(self._updates() - 1):
             again = self.learner.step(*self._with_replay(x, t, y), fresh=0)
             stats[S["skipped"]] = torch.maximum(stats[S["skipped"]], again[S["skipped"]])
             if self.ema is not None:
@@ -107,11 +107,19 @@ class Trainer:
         self.learner.lr_scale = self.boost.step()
         return stats
 
+    def _updates(self) -> int:
+        """Updates for this labelled batch: ``train.steps_per_batch``, at least ``drift.boost_updates`` while
+        a drift boost lasts."""
+        n = self.budget.steps_per_batch(self.cfg.train.steps_per_batch)
+        return max(n, self.cfg.drift.boost_updates) if self.boost.remaining > 0 else n
+
     def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         """The fresh rows plus a draw from the replay buffer, or None when there is nothing to train."""
         if self.replay is None:
             return (x, t, y) if x.shape[0] else None
-        replayed = self.replay.sample(round(self.cfg.replay.ratio * self.cfg.train.batch_size), int(x.shape[0]))
+        # The holdout's rows are made up from the buffer: a step's shape does not depend on the gate.
+        n = round(self.cfg.replay.ratio * self.cfg.train.batch_size) + self.held_out
+        replayed = self.replay.sample(n, int(x.shape[0]))
         if replayed is None:
             return (x, t, y) if x.shape[0] else None
         rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
