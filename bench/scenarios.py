@@ -33,6 +33,9 @@ Scenarios (``--scenario``):
   ``streamkd_drift_detected_total`` moves. ``recovery_samples``: records after the change until a
   published snapshot's corrupted-test accuracy is within 1 point of its plateau (the mean over the last
   quarter of the corrupted phase). The same run without the detector runs as the reference.
+  ``recovery_samples_to_reference_plateau``: the same for the run with the detector, measured against
+  the reference run's plateau (the level both runs reach, where each run's own plateau moves with how
+  much it has learnt by the end of the phase).
 * ``stationary-drift-check``: drift detections over the stationary stream (all of them false alarms).
 * ``poisoned-teacher``: for 2k records mid-stream the teacher's logits are replaced by random ones that look
   as confident as real ones (each row's own logits with its classes randomly permuted). A snapshot every 512
@@ -40,7 +43,9 @@ Scenarios (``--scenario``):
   the previous published one's (``regressed_at``: their stream positions); run with the gate and without it.
   ``gate_throughput_cost``: the share of the gated run's loop time spent in the gate's own work (holdout
   offers, candidate scoring), timed inside the run; ``gate_wall_cost``: 1 - gated / ungated images/s of
-  the two runs (noisier: separate runs differ by a few percent on a shared CPU).
+  the two runs (noisier: separate runs differ by a few percent on a shared CPU). Every line also has
+  ``gate_time_share``: the same share as ``gate_throughput_cost`` for the line's own run at its own
+  snapshot cadence (the daemon's default outside shift and poisoned-teacher); null with the gate off.
 
 "plain" is the same daemon with replay, EMA, gate, drift handling off and the full teacher budget.
 ``--set key=value`` overrides apply to every run (the plain one gets its own settings on top).
@@ -471,7 +476,8 @@ def common(bench: Bench, run: Run) -> dict:
     return {"teacher_acc": round(teacher, 4), "student_acc": _r(student),
             "student_over_teacher": _r(student / teacher if student is not None else None),
             "img_s": round(run.img_s, 1), "teacher_calls_fraction": _r(calls_fraction(run)),
-            "teacher_budget_at_end": _r(run.totals["streamkd_teacher_budget_ratio"]), "records": run.records}
+            "teacher_budget_at_end": _r(run.totals["streamkd_teacher_budget_ratio"]), "records": run.records,
+            "gate_time_share": _r(run.gate_share)}
 
 
 def calls_fraction(run: Run) -> float | None:
@@ -596,14 +602,19 @@ def curve(bench: Bench, run: Run, test: str) -> list[tuple[int, float]]:
     return [(bench.position(run, v), bench.served_acc(run, v, test)) for v in run.published]
 
 
-def recovery(points: list[tuple[int, float]], shift_at: int, shift_end: int) -> int | None:
-    """Records after ``shift_at`` until accuracy is within RECOVERED of the plateau (last quarter's mean)."""
-    phase = [(p, a) for p, a in points if shift_at < p <= shift_end]
-    tail = [a for p, a in phase if p >= shift_end - (shift_end - shift_at) // 4]
-    if not tail:
+def plateau(points: list[tuple[int, float]], shift_at: int, shift_end: int) -> float | None:
+    """Mean accuracy over the last quarter of the phase after ``shift_at``."""
+    tail = [a for p, a in points if shift_at < p <= shift_end and p >= shift_end - (shift_end - shift_at) // 4]
+    return sum(tail) / len(tail) if tail else None
+
+
+def recovery(points: list[tuple[int, float]], shift_at: int, shift_end: int, level: float | None = None) -> int | None:
+    """Records after ``shift_at`` until accuracy is within RECOVERED of ``level`` (default: the run's own
+    plateau, ``plateau``)."""
+    level = plateau(points, shift_at, shift_end) if level is None else level
+    if level is None:
         return None
-    plateau = sum(tail) / len(tail)
-    return next((p - shift_at for p, a in phase if a >= plateau - RECOVERED), None)
+    return next((p - shift_at for p, a in points if shift_at < p <= shift_end and a >= level - RECOVERED), None)
 
 
 def shift(bench: Bench) -> dict:
@@ -621,6 +632,8 @@ def shift(bench: Bench) -> dict:
                false_alarms=None if configured.detections is None else sum(p < at for p in configured.detections),
                recovery_samples=recovery(with_detector, at, end),
                recovery_samples_without_detector=recovery(without_detector, at, end),
+               recovery_samples_to_reference_plateau=recovery(with_detector, at, end,
+                                                              plateau(without_detector, at, end)),
                corrupted_acc=phases[1]["corrupted"], clean_acc_before_shift=phases[0]["clean"],
                clean_acc_after=phases[2]["clean"], phases=phases, detections=configured.detections,
                no_detector_img_s=round(ref.img_s, 1),
