@@ -194,7 +194,8 @@ class DriftConfig:
     boost_steps: int = 400  # steps over which the boost decays
     # Updates per labelled batch while the boost lasts (at least train.steps_per_batch's): the fresh rows of
     # the new regime are trained again with new replayed samples, so fewer records are needed to learn it.
-    boost_updates: int = 4
+    # Off (1) by default: where a drift brings new classes, the repeated fresh rows crowd out the old ones.
+    boost_updates: int = 1
     # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
     # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.
     protect_samples: int = 0

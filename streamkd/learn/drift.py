@@ -19,7 +19,7 @@ Configuration keys (section ``drift``):
   Default ``adwin``.
 - ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 2.0.
 - ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 400.
-- ``drift.boost_updates``: updates per labelled batch while the boost lasts (the trainer's). Default 4.
+- ``drift.boost_updates``: updates per labelled batch while the boost lasts (the trainer's). Default 1.
 
 On a detection the loop is expected to raise the budget to its ceiling, start the boost, protect the
 replay buffer's older content, log :meth:`DriftEvent.as_dict` as one structured event, count it, and
