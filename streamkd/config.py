@@ -190,8 +190,8 @@ class DriftConfig:
 
     enabled: bool = True
     detector: Literal["adwin", "page_hinkley"] = "adwin"
-    lr_boost: float = 2.0  # learning-rate factor right after a drift, decaying back to 1
-    boost_steps: int = 400  # steps over which the boost decays
+    lr_boost: float = 3.0  # learning-rate factor right after a drift, decaying back to 1
+    boost_steps: int = 200  # steps over which the boost decays
     # Updates per labelled batch while the boost lasts (at least train.steps_per_batch's): the fresh rows of
     # the new regime are trained again with new replayed samples, so fewer records are needed to learn it.
     # Off (1) by default: where a drift brings new classes, the repeated fresh rows crowd out the old ones.

@@ -17,8 +17,8 @@ Configuration keys (section ``drift``):
 - ``drift.enabled``: run the monitor. Default true.
 - ``drift.detector``: ``adwin`` (``river.drift.ADWIN``) or ``page_hinkley`` (``river.drift.PageHinkley``).
   Default ``adwin``.
-- ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 2.0.
-- ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 400.
+- ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 3.0.
+- ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 200.
 - ``drift.boost_updates``: updates per labelled batch while the boost lasts (the trainer's). Default 1.
 
 On a detection the loop is expected to raise the budget to its ceiling, start the boost, protect the
