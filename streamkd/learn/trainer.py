@@ -9,9 +9,10 @@ One :meth:`Trainer.step` per labelled batch:
 3. the EMA of the student is updated;
 4. the fresh samples enter the replay buffer;
 5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
-   budget goes to its ceiling, the learning rate is raised for a while, the served EMA follows the
-   student closely for a while (``drift.ema_decay``, ``drift.ema_steps``), and the replay buffer keeps
-   its older content when ``drift.protect_samples`` is set.
+   budget goes to its ceiling, the learning rate is raised for a while (each batch then gets
+   ``drift.boost_updates`` updates), the served EMA follows the student closely for a while
+   (``drift.ema_decay``, ``drift.ema_steps``), and the replay buffer keeps its older content when
+   ``drift.protect_samples`` is set.
 
 Every piece can be switched off (``replay.enabled``, ``ema.enabled``, ``gate.enabled``, ``drift.enabled``);
 with all off this is the plain online KD step.
@@ -77,8 +78,9 @@ class Trainer:
     def step(self, lab: Labelled) -> torch.Tensor | None:
         """Train on a labelled batch; returns the learner's stats (device), or None if nothing was trained.
 
-        At a teacher budget below 1 the batch gets ``train.steps_per_batch`` updates: the first one scores
-        and counts the fresh rows, the others train them again with a new draw of replayed samples."""
+        At a teacher budget below 1 the batch gets ``train.steps_per_batch`` updates (while a drift boost
+        lasts, at least ``drift.boost_updates``): the first one scores and counts the fresh rows, the others
+        train them again with a new draw of replayed samples."""
         self.metrics.teacher_called(int(lab.images.shape[0]), self.budget.value)
         x, t, y, random = lab.images, lab.teacher_logits, lab.labels, lab.random
         self.held_out = 0
