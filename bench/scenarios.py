@@ -534,8 +534,7 @@ def forgetting(bench: Bench, run: Run) -> tuple[float | None, float | None, list
     return bench.served_acc(run, latest(run)), forgetting_of(table), table
 
 
-def forgetting_floor(bench: Bench, model: torch.nn.Module | None,
-                     spec) -> tuple[float | None, list[list[float | None]]]:
+def forgetting_floor(bench: Bench, model: torch.nn.Module | None, spec) -> tuple[float | None, list]:
     """``forgetting_of`` a fixed ``model`` where, at phase end j, only the classes of phases 0..j can be
     predicted: what the metric reads for a learner that never forgets and is as good as ``model``."""
     from streamkd.learn.evaluation import evaluate
@@ -582,7 +581,7 @@ def class_incremental(bench: Bench) -> dict:
     plain_final, plain_mean, _ = forgetting(bench, plain)
     iid_final, _, iid_table = forgetting(bench, reference)
     version = latest(reference)
-    floor, floor_table = forgetting_floor(bench, *(bench._load(reference, version) if version else (None, None)))
+    floor, floor_table = forgetting_floor(bench, *bench._load(reference, version)) if version else (None, [])
     teacher_floor, _ = forgetting_floor(bench, *bench.teacher)
     gaps = [a - b for a, b in zip(iid_table[-1][:-1], table[-1][:-1], strict=True) if a is not None and b is not None]
     out = common(bench, configured)
