@@ -192,9 +192,10 @@ class DriftConfig:
     detector: Literal["adwin", "page_hinkley"] = "adwin"
     lr_boost: float = 3.0  # learning-rate factor right after a drift, decaying back to 1
     boost_steps: int = 200  # steps over which the boost decays
-    # Updates per labelled batch while the boost lasts (at least train.steps_per_batch's): the fresh rows of
-    # the new regime are trained again with new replayed samples, so fewer records are needed to learn it.
-    # Off (1) by default: where a drift brings new classes, the repeated fresh rows crowd out the old ones.
+    # Updates per labelled batch while the boost after an input shift lasts (at least train.steps_per_batch's):
+    # the fresh rows of the new regime are trained again with new replayed samples, so fewer records are
+    # needed to learn it. A drift that brings new classes gets none: the repeated fresh rows would crowd out
+    # the old classes' replay (learn/drift.py tells the two apart).
     boost_updates: int = 1
     # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
     # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamkd.learn.drift import DriftEvent, DriftMonitor, LrBoost, student_confidence
+from streamkd.learn.drift import DriftEvent, DriftMonitor, LrBoost, drift_kind, student_confidence
 
 BATCH, SHARE = 64, 0.1
 
@@ -22,9 +22,11 @@ def level(start: float, end: float, change: int | None, ramp: int, idx: np.ndarr
 
 
 def feed(monitor: DriftMonitor, seed: int, n: int, change: int | None = None, *, agree=(0.88, 0.5),
-         conf=(0.9, 0.6), ramp: int = 1) -> list[DriftEvent]:
+         conf=(0.9, 0.6), ramp: int = 1, classes: tuple[range, range] | None = None) -> list[DriftEvent]:
     """Stream n samples in batches of 64: agreement Bernoulli on a ~10 % random share, confidence Beta on all
-    samples (spread of a real student's max-softmax, about 0.15 at mean 0.9), both changing at ``change``."""
+    samples (spread of a real student's max-softmax, about 0.15 at mean 0.9), both changing at ``change``.
+    ``classes``: the teacher's top-1 classes are drawn from the first range before ``change``, from the second
+    after it."""
     rng = np.random.default_rng(seed)
     events = []
     for start in range(0, n, BATCH):
@@ -33,7 +35,12 @@ def feed(monitor: DriftMonitor, seed: int, n: int, change: int | None = None, *,
         confidence = rng.beta(mean * 3.0, (1 - mean) * 3.0)
         share = rng.random(len(idx)) < SHARE
         agreement = (rng.random(len(idx)) < level(*agree, change, ramp, idx))[share]
-        event = monitor.update(agreement.astype(float), confidence)
+        top1 = None
+        if classes is not None:
+            before, after = (np.asarray(c) for c in classes)
+            top1 = np.where(idx < (change if change is not None else n), rng.choice(before, len(idx)),
+                            rng.choice(after, len(idx)))
+        event = monitor.update(agreement.astype(float), confidence, top1)
         if event is not None:
             events.append(event)
     return events
@@ -100,11 +107,12 @@ def test_counts_samples_skips_non_finite_values_and_keeps_counters_across_restar
     m = DriftMonitor("adwin")
     assert m.update(torch.tensor([1.0, float("nan")]), torch.tensor([0.9, float("nan"), 0.8])) is None
     assert m.samples_seen == 3 and m.signals["confidence"].n == 2 and m.signals["agreement"].n == 1
-    events = feed(m, seed=7, n=15_000, change=8_000)
+    events = feed(m, seed=7, n=15_000, change=8_000, classes=(range(10), range(10)))
     assert m.detections == len(events) >= 1
     restored = DriftMonitor("adwin")
     restored.load_state_dict(m.state_dict())
     assert restored.state_dict() == m.state_dict()
+    assert restored.mix is not None and np.allclose(restored.mix, m.mix)  # the class mix is kept
     assert restored.signals["confidence"].n == 0  # detector windows start empty after a restart
 
 
@@ -112,7 +120,8 @@ def test_event_is_a_plain_record():
     m = DriftMonitor("page_hinkley")
     event = feed(m, seed=8, n=12_000, change=6_000)[0]
     d = event.as_dict()
-    assert set(d) == {"signal", "detector", "samples_seen", "observations", "mean_before", "mean_after"}
+    assert set(d) == {"signal", "detector", "samples_seen", "observations", "mean_before", "mean_after", "kind",
+                      "novel_share"}
     assert d["detector"] == "page_hinkley" and d["samples_seen"] == event.samples_seen > 6_000
 
 
@@ -163,3 +172,27 @@ def test_lr_boost_without_steps_is_a_no_op_and_rejects_a_cut():
     assert boost.step() == 1.0
     with pytest.raises(ValueError, match=">= 1"):
         LrBoost(factor=0.5)
+
+
+def test_drift_kind_compares_the_batch_with_the_class_mix_so_far():
+    two_classes = np.array([0.5, 0.5, 0.0, 0.0])
+    assert drift_kind(np.array([2, 3, 2, 3]), two_classes) == ("new_classes", 1.0)
+    assert drift_kind(np.array([0, 1, 0, 2]), two_classes) == ("input_shift", 0.25)
+    assert drift_kind(np.array([0, 1, 2, 3]), np.full(4, 0.25)) == ("input_shift", 0.0)
+    assert drift_kind(np.arange(64), np.full(1000, 0.001)) == ("input_shift", 0.0)  # many classes, none rare
+    assert drift_kind(np.array([0, 1]), None) == ("input_shift", None)  # nothing to compare with yet
+    assert drift_kind(np.array([], dtype=np.int64), two_classes) == ("input_shift", None)
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
+def test_a_drift_to_classes_the_stream_has_not_shown_is_new_classes(detector):
+    events = feed(DriftMonitor(detector), seed=11, n=16_000, change=8_000, classes=(range(0, 2), range(2, 4)))
+    assert events and events[0].kind == "new_classes" and events[0].novel_share > 0.9
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
+def test_a_drift_on_the_same_classes_is_an_input_shift(detector):
+    events = feed(DriftMonitor(detector), seed=11, n=16_000, change=8_000, classes=(range(10), range(10)))
+    assert events and events[0].kind == "input_shift" and events[0].novel_share < 0.1
+    without = feed(DriftMonitor(detector), seed=11, n=16_000, change=8_000)
+    assert without[0].kind == "input_shift" and without[0].novel_share is None  # no classes given

@@ -218,6 +218,24 @@ def test_a_drift_trains_each_batch_boost_updates_times_while_the_boost_lasts(tmp
         assert sched.last_epoch - before == expected
 
 
+def test_a_drift_that_brings_new_classes_gets_the_lr_boost_but_no_extra_updates(tmp_path):
+    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
+    run(parts, 2 * BATCH)
+    tr, sched = parts.trainer, parts.learner.scheduler
+    lab = parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1))
+    tr.on_drift({"signal": "confidence", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5,
+                 "kind": "new_classes", "novel_share": 1.0})
+    assert tr.boost.multiplier == 3.0
+    before = sched.last_epoch
+    tr.step(lab)
+    assert sched.last_epoch == before + 1 and parts.learner.lr_scale == 3.0
+    restored = daemon.build(config(tmp_path / "r", "drift.boost_updates=3", "drift.boost_steps=2",
+                                   "gate.enabled=false", plain=False), intake=MemoryIntake(batches(1)))
+    restored.trainer.load_state_dict(tr.state_dict())  # the boost's kind survives a restart
+    assert restored.trainer.boost_kind == "new_classes" and restored.trainer._updates() == 1
+
+
 def test_a_drift_makes_the_served_ema_follow_the_student(tmp_path):
     cfg = config(tmp_path, "drift.ema_decay=0.5", "drift.ema_steps=10", "gate.enabled=false", plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(4)))

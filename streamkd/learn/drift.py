@@ -8,9 +8,14 @@ By default only drops count as drift (``direction="down"``): a rising agreement 
 student learning. After a detection both detectors restart on the new regime, and no further event is
 raised for ``grace`` samples, so one shift gives one event.
 
+Each event also says what kind of change it is, from the teacher's top-1 classes (:func:`drift_kind`):
+``new_classes`` when most samples of the batch that fired belong to classes the stream has hardly shown so
+far (a moving average of the class mix over about ``MIX_HORIZON`` samples), else ``input_shift`` (the same
+classes look different: a camera that moved, new lighting). The trainer reacts to the two differently.
+
 The detectors' windows are not saved: after a restart they start empty (they need a few hundred samples
-to be armed again). :meth:`DriftMonitor.state_dict` keeps only the counters. :class:`LrBoost` and the budget
-controller (``budget.BudgetController``) do survive restarts.
+to be armed again). :meth:`DriftMonitor.state_dict` keeps the counters and the class mix. :class:`LrBoost`
+and the budget controller (``budget.BudgetController``) survive restarts too.
 
 Configuration keys (section ``drift``):
 
@@ -19,7 +24,8 @@ Configuration keys (section ``drift``):
   Default ``adwin``.
 - ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 3.0.
 - ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 200.
-- ``drift.boost_updates``: updates per labelled batch while the boost lasts (the trainer's). Default 1.
+- ``drift.boost_updates``: updates per labelled batch while the boost after an input shift lasts (the
+  trainer's). Default 1.
 
 On a detection the loop is expected to raise the budget to its ceiling, start the boost, protect the
 replay buffer's older content, log :meth:`DriftEvent.as_dict` as one structured event, count it, and
@@ -39,6 +45,10 @@ from river import drift as river_drift
 DETECTORS = ("adwin", "page_hinkley")
 DIRECTIONS = ("down", "both")
 SIGNALS = ("agreement", "confidence")
+KINDS = ("input_shift", "new_classes")
+MIX_HORIZON = 5000  # samples: the class mix a batch is compared with is a moving average over about this many
+RARE_SHARE = 0.25  # a class is rare when its share of the mix is below this fraction of an even share
+NOVEL_MAJORITY = 0.5  # a drift brings new classes when more than this share of the firing batch is of rare ones
 
 # Per-signal detector settings. Agreement arrives only from the random share (about one sample in ten), so
 # its detector must decide from few observations: ADWIN checks for a cut every 8 observations instead of
@@ -68,6 +78,8 @@ class DriftEvent:
     observations: int
     mean_before: float | None
     mean_after: float | None
+    kind: str = "input_shift"  # KINDS: see drift_kind
+    novel_share: float | None = None  # share of the firing batch's samples of classes rare so far
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +88,24 @@ class DriftEvent:
 def student_confidence(logits: torch.Tensor) -> torch.Tensor:
     """Max-softmax of the student's logits (float N x K) -> float32 N in [1/K, 1]."""
     return torch.softmax(logits.detach().float(), dim=1).amax(dim=1)
+
+
+def drift_kind(classes: np.ndarray, mix: np.ndarray | None) -> tuple[str, float | None]:
+    """What a drift is, from the teacher's top-1 ``classes`` (int, the batch that fired) and the stream's
+    class ``mix`` so far (shares summing to 1, or None before any): ``("new_classes", share)`` when more than
+    ``NOVEL_MAJORITY`` of the samples are of rare classes, else ``("input_shift", share)``. ``share`` is that
+    fraction; None (and ``input_shift``) without classes or mix. A class is rare when its share is below
+    ``RARE_SHARE`` of the share it would have if the classes the stream has shown were equally frequent
+    (1 / the mix's perplexity), so the rule reads the same for 10 classes or 1,000.
+    """
+    if mix is None or len(classes) == 0:
+        return "input_shift", None
+    classes = np.clip(classes, 0, None)
+    mix = np.pad(mix, (0, max(0, int(classes.max()) + 1 - len(mix))))  # classes never seen have share 0
+    shown = mix[mix > 0]
+    effective = float(np.exp(-(shown * np.log(shown)).sum()))  # perplexity: classes the stream has shown
+    novel = float((mix[classes] < RARE_SHARE / effective).mean())
+    return ("new_classes" if novel > NOVEL_MAJORITY else "input_shift"), novel
 
 
 def _values(xs: Iterable[float] | torch.Tensor | np.ndarray) -> list[float]:
@@ -160,10 +190,13 @@ class DriftMonitor:
         self.samples_seen = 0
         self.detections = 0
         self.quiet_until = int(warmup)
+        self.mix: np.ndarray | None = None  # moving average of the teacher's top-1 class shares
+        self._mixed = 0  # samples averaged into it
 
-    def update(self, agreement_per_sample, confidence_per_sample) -> DriftEvent | None:
+    def update(self, agreement_per_sample, confidence_per_sample, classes=None) -> DriftEvent | None:
         """Feed one batch: 0/1 agreement of the random share (any length), the student's max-softmax on every
-        sample of the batch (its length is the number of stream samples counted). Non-finite values are
+        sample of the batch (its length is the number of stream samples counted), and optionally the
+        teacher's top-1 class of the batch's labelled samples (for the event's kind). Non-finite values are
         skipped. Returns an event when drift is detected outside the grace period, else None."""
         fired: DriftEvent | None = None
         confidence = _values(confidence_per_sample)
@@ -176,8 +209,12 @@ class DriftMonitor:
                 if fired is None and event is not None:
                     fired = event
         self.samples_seen += len(confidence)
+        labels = np.asarray([] if classes is None else _values(classes), dtype=np.int64)
         if fired is None or self.samples_seen < self.quiet_until:
+            self._mix(labels)
             return None
+        kind, novel = drift_kind(labels, self.mix)
+        self._mix(labels)
         # Both detectors start over on the new regime, so the one that has not fired yet does not raise a
         # second event for the same shift once the grace period is over.
         for signal in self.signals.values():
@@ -185,16 +222,31 @@ class DriftMonitor:
         self.detections += 1
         self.quiet_until = self.samples_seen + self.grace
         return DriftEvent(fired.signal, fired.detector, self.samples_seen, fired.observations,
-                          fired.mean_before, fired.mean_after)
+                          fired.mean_before, fired.mean_after, kind, novel)
+
+    def _mix(self, classes: np.ndarray) -> None:
+        """Average ``classes`` into the class mix (a plain mean until MIX_HORIZON samples, then exponential)."""
+        if not len(classes) or classes.min() < 0:
+            return
+        k = max(int(classes.max()) + 1, 0 if self.mix is None else len(self.mix))
+        counts = np.bincount(classes, minlength=k).astype(np.float64)
+        mix = np.zeros(k) if self.mix is None else np.pad(self.mix, (0, k - len(self.mix)))
+        self._mixed += len(classes)
+        w = len(classes) / min(self._mixed, MIX_HORIZON)
+        self.mix = (1.0 - w) * mix + w * counts / len(classes)
 
     def state_dict(self) -> dict:
-        """The counters only; the detectors' windows are not kept (see the module docstring)."""
-        return {"samples_seen": self.samples_seen, "detections": self.detections, "quiet_until": self.quiet_until}
+        """The counters and the class mix; the detectors' windows are not kept (see the module docstring)."""
+        return {"samples_seen": self.samples_seen, "detections": self.detections, "quiet_until": self.quiet_until,
+                "mix": None if self.mix is None else self.mix.tolist(), "mixed": self._mixed}
 
     def load_state_dict(self, state: dict) -> None:
         self.samples_seen = max(0, int(state["samples_seen"]))
         self.detections = max(0, int(state["detections"]))
         self.quiet_until = max(0, int(state["quiet_until"]))
+        mix = state.get("mix")
+        self.mix = None if mix is None else np.asarray(mix, dtype=np.float64)
+        self._mixed = max(0, int(state.get("mixed", 0)))
 
 
 class LrBoost:

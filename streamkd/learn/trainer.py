@@ -9,8 +9,9 @@ One :meth:`Trainer.step` per labelled batch:
 3. the EMA of the student is updated;
 4. the fresh samples enter the replay buffer;
 5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
-   budget goes to its ceiling, the learning rate is raised for a while (each batch then gets
-   ``drift.boost_updates`` updates), the served EMA follows the student closely for a while
+   budget goes to its ceiling, the learning rate is raised for a while (after an input shift each batch
+   then gets ``drift.boost_updates`` updates; a drift that brings new classes gets none, as the repeated
+   fresh rows would crowd out the old classes' replay), the served EMA follows the student closely for a while
    (``drift.ema_decay``, ``drift.ema_steps``), and the replay buffer keeps its older content when
    ``drift.protect_samples`` is set.
 
@@ -65,6 +66,7 @@ class Trainer:
         self.boost = LrBoost(d.lr_boost, d.boost_steps)
         self.drifts = 0
         self.last_drift: dict | None = None
+        self.boost_kind = "input_shift"  # the kind of the drift the running boost follows
         self.rejections = 0
         self.last_rejection: dict | None = None
         self.held_out = 0  # samples of the last batch that went to the holdout instead of training
@@ -78,8 +80,8 @@ class Trainer:
     def step(self, lab: Labelled) -> torch.Tensor | None:
         """Train on a labelled batch; returns the learner's stats (device), or None if nothing was trained.
 
-        At a teacher budget below 1 the batch gets ``train.steps_per_batch`` updates (while a drift boost
-        lasts, at least ``drift.boost_updates``): the first one scores and counts the fresh rows, the others
+        At a teacher budget below 1 the batch gets ``train.steps_per_batch`` updates (while the boost after an
+        input shift lasts, at least ``drift.boost_updates``): the first one scores and counts the fresh rows, the others
         train them again with a new draw of replayed samples."""
         self.metrics.teacher_called(int(lab.images.shape[0]), self.budget.value)
         x, t, y, random = lab.images, lab.teacher_logits, lab.labels, lab.random
@@ -111,9 +113,10 @@ class Trainer:
 
     def _updates(self) -> int:
         """Updates for this labelled batch: ``train.steps_per_batch``, at least ``drift.boost_updates`` while
-        a drift boost lasts."""
+        the boost after an input shift lasts."""
         n = self.budget.steps_per_batch(self.cfg.train.steps_per_batch)
-        return max(n, self.cfg.drift.boost_updates) if self.boost.remaining > 0 else n
+        boosted = self.boost.remaining > 0 and self.boost_kind == "input_shift"
+        return max(n, self.cfg.drift.boost_updates) if boosted else n
 
     def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         """The fresh rows plus a draw from the replay buffer, or None when there is nothing to train."""
@@ -135,14 +138,15 @@ class Trainer:
         sample), so the plain step keeps no per-step host sync."""
         if not fresh or (self.drift is None and not self.budget.active):
             return
-        agree = (self.learner.last_pred == t.argmax(1))[random].float().cpu()
+        top1 = t.argmax(1)
+        agree = (self.learner.last_pred == top1)[random].float().cpu()
         random_agreement = float(agree.mean()) if agree.numel() else None
         if random_agreement is not None:
             self.metrics.random_agreement(random_agreement)
         event = None
         if self.drift is not None:
             confidence = lab.confidence if lab.confidence is not None else self.learner.last_confidence
-            event = self.drift.update(agree.tolist(), confidence.float().cpu().tolist())
+            event = self.drift.update(agree.tolist(), confidence.float().cpu().tolist(), top1.cpu().tolist())
         self.budget.update(random_agreement, drift=event is not None)
         if event is not None:
             self.on_drift(event.as_dict())
@@ -151,13 +155,14 @@ class Trainer:
         self.drifts += 1
         self.last_drift = {**event, "at": time.time(), "budget_after": self.budget.value}
         self.boost.trigger()
+        self.boost_kind = event.get("kind", "input_shift")
         if self.ema is not None:
             self.ema.follow(self.cfg.drift.ema_decay, self.cfg.drift.ema_steps)
         if self.replay is not None:
             self.replay.protect(self.cfg.drift.protect_samples)
         self.metrics.drift_detected.inc()
-        log.warning("drift detected on %s after %d samples: mean %.3f -> %.3f; budget %.2f, lr x%.1f, EMA decay "
-                    "%s", event.get("signal"), event.get("samples_seen", 0),
+        log.warning("drift detected (%s) on %s after %d samples: mean %.3f -> %.3f; budget %.2f, lr x%.1f, EMA "
+                    "decay %s", event.get("kind"), event.get("signal"), event.get("samples_seen", 0),
                     event.get("mean_before") or float("nan"), event.get("mean_after") or float("nan"),
                     self.budget.value, self.boost.multiplier,
                     f"{self.ema.current_decay():.3f}" if self.ema is not None else "-",
@@ -216,7 +221,9 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         out: dict = {"budget": self.budget.state_dict(), "boost": self.boost.state_dict(),
-                     "drifts": self.drifts, "rejections": self.rejections}
+                     "boost_kind": self.boost_kind, "drifts": self.drifts, "rejections": self.rejections}
+        if self.drift is not None:
+            out["drift"] = self.drift.state_dict()
         if self.replay is not None:
             out["replay"] = self.replay.state_dict()
         if self.ema is not None:
@@ -229,7 +236,10 @@ class Trainer:
         self.budget.load_state_dict(state.get("budget", {}))
         if state.get("boost"):
             self.boost.load_state_dict(state["boost"])
+        self.boost_kind = state.get("boost_kind", "input_shift")
         self.drifts = int(state.get("drifts", 0))
+        if self.drift is not None and state.get("drift"):
+            self.drift.load_state_dict(state["drift"])
         self.rejections = int(state.get("rejections", 0))
         for name in ("replay", "ema", "holdout"):
             part = getattr(self, name)
