@@ -200,6 +200,10 @@ class DriftConfig:
     # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
     # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.
     protect_samples: int = 0
+    # The reaction to a drift that brings new classes (learn/drift.py tells it from an input shift): "budget"
+    # raises the teacher budget only; "boost" also raises the learning rate and makes the served EMA follow the
+    # student, as after an input shift. What the student knows still holds then, and both speed up forgetting it.
+    on_new_classes: Literal["budget", "boost"] = "budget"
     # The served EMA follows the student closely after a drift: its decay drops to ema_decay and rises
     # linearly back to ema.decay over ema_steps updates (ema_steps 0: off).
     ema_decay: float = 0.9

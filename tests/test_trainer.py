@@ -218,14 +218,33 @@ def test_a_drift_trains_each_batch_boost_updates_times_while_the_boost_lasts(tmp
         assert sched.last_epoch - before == expected
 
 
-def test_a_drift_that_brings_new_classes_gets_the_lr_boost_but_no_extra_updates(tmp_path):
-    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false", plain=False)
+NEW_CLASSES = {"signal": "confidence", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5,
+               "kind": "new_classes", "novel_share": 1.0}
+
+
+def test_a_drift_that_brings_new_classes_raises_the_budget_only(tmp_path):
+    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false",
+                 "teacher.budget=adaptive", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
+    run(parts, 2 * BATCH)
+    tr = parts.trainer
+    tr.ema.updates = 10_000  # past the warmup ramp
+    tr.budget.controller.budget = cfg.teacher.budget_floor
+    tr.budget.update(None, drift=True)  # what _watch does before on_drift
+    tr.on_drift(NEW_CLASSES)
+    assert tr.budget.value == cfg.teacher.budget_ceiling
+    assert tr.boost.multiplier == 1.0 and tr._updates() == 1 and tr.ema.current_decay() == cfg.ema.decay
+    assert tr.manifest()["drift"]["last"]["kind"] == "new_classes"
+
+
+def test_a_drift_that_brings_new_classes_can_boost_but_gets_no_extra_updates(tmp_path):
+    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false",
+                 "drift.on_new_classes=boost", plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
     run(parts, 2 * BATCH)
     tr, sched = parts.trainer, parts.learner.scheduler
     lab = parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1))
-    tr.on_drift({"signal": "confidence", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5,
-                 "kind": "new_classes", "novel_share": 1.0})
+    tr.on_drift(NEW_CLASSES)
     assert tr.boost.multiplier == 3.0
     before = sched.last_epoch
     tr.step(lab)

@@ -9,11 +9,12 @@ One :meth:`Trainer.step` per labelled batch:
 3. the EMA of the student is updated;
 4. the fresh samples enter the replay buffer;
 5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
-   budget goes to its ceiling, the learning rate is raised for a while (after an input shift each batch
-   then gets ``drift.boost_updates`` updates; a drift that brings new classes gets none, as the repeated
-   fresh rows would crowd out the old classes' replay), the served EMA follows the student closely for a while
-   (``drift.ema_decay``, ``drift.ema_steps``), and the replay buffer keeps its older content when
-   ``drift.protect_samples`` is set.
+   budget goes to its ceiling and the replay buffer keeps its older content when ``drift.protect_samples``
+   is set. After an input shift the learning rate is also raised for a while (each batch then gets
+   ``drift.boost_updates`` updates) and the served EMA follows the student closely for a while
+   (``drift.ema_decay``, ``drift.ema_steps``); a drift that brings new classes gets that only with
+   ``drift.on_new_classes: boost``, and never the extra updates (the repeated fresh rows would crowd out
+   the old classes' replay).
 
 Every piece can be switched off (``replay.enabled``, ``ema.enabled``, ``gate.enabled``, ``drift.enabled``);
 with all off this is the plain online KD step.
@@ -152,12 +153,16 @@ class Trainer:
             self.on_drift(event.as_dict())
 
     def on_drift(self, event: dict) -> None:
+        """React to a detection (the budget controller has already seen it): after an input shift, or new
+        classes with ``drift.on_new_classes: boost``, raise the learning rate and let the served EMA follow."""
         self.drifts += 1
         self.last_drift = {**event, "at": time.time(), "budget_after": self.budget.value}
-        self.boost.trigger()
-        self.boost_kind = event.get("kind", "input_shift")
-        if self.ema is not None:
-            self.ema.follow(self.cfg.drift.ema_decay, self.cfg.drift.ema_steps)
+        kind = event.get("kind", "input_shift")
+        if kind == "input_shift" or self.cfg.drift.on_new_classes == "boost":
+            self.boost.trigger()
+            self.boost_kind = kind
+            if self.ema is not None:
+                self.ema.follow(self.cfg.drift.ema_decay, self.cfg.drift.ema_steps)
         if self.replay is not None:
             self.replay.protect(self.cfg.drift.protect_samples)
         self.metrics.drift_detected.inc()
