@@ -86,6 +86,7 @@ SMOKE = dict(stationary=3_000, phase=600, shift=(1_200, 1_200, 600), poisoned=3_
              snapshot_every=160, test=1_000)
 SHIFT_PX = 4  # the corruption: images translated this many pixels right and down (black fill)
 PHASE_CLASSES = tuple((2 * k, 2 * k + 1) for k in range(5))  # class-incremental: the classes of each phase
+CI_BUFFER = 2_000  # class-incremental: the replay buffer is held to this many samples (unless --set says otherwise)
 END_METRICS = ("streamkd_drift_detected_total", "streamkd_teacher_calls_total", "streamkd_teacher_budget_ratio",
                "streamkd_snapshot_gate_rejections_total", "streamkd_replay_buffer_samples")
 REGRESSION = 0.01  # a published snapshot this much below the previous one on the clean test set regressed
@@ -574,9 +575,11 @@ def class_incremental(bench: Bench) -> dict:
     iid = Stream(stream.images[torch.from_numpy(bench.rng.permutation(len(stream.images)))], stream.phase_ends)
     produce_stream(bench.bootstrap, "class-incremental", stream)
     produce_stream(bench.bootstrap, "class-incremental-iid", iid)
-    configured = bench.run("configured", "class-incremental", stream, bench.overrides())
+    held = any(s.startswith("replay.capacity=") for s in bench.args.set)
+    buffer = () if held else (f"replay.capacity={CI_BUFFER}",)
+    configured = bench.run("configured", "class-incremental", stream, bench.overrides(*buffer))
     plain = bench.run("plain", "class-incremental", stream, bench.overrides(*PLAIN))
-    reference = bench.run("iid", "class-incremental-iid", iid, bench.overrides())
+    reference = bench.run("iid", "class-incremental-iid", iid, bench.overrides(*buffer))
     final, mean, table = forgetting(bench, configured)
     plain_final, plain_mean, _ = forgetting(bench, plain)
     iid_final, _, iid_table = forgetting(bench, reference)

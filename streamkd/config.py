@@ -131,7 +131,7 @@ class TrainConfig:
     alpha: float = 0.9
     loss: Literal["kl", "soft_ce"] = "kl"
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 3e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     warmup_steps: int = 0
@@ -157,7 +157,7 @@ class ReplayConfig:
     """Replay of teacher-labelled samples: each step trains on the fresh batch plus samples from a buffer."""
 
     enabled: bool = True
-    capacity: int = 2000  # samples (uint8 image + fp16 teacher logits + label each)
+    capacity: int = 5000  # samples (uint8 image + fp16 teacher logits + label each)
     max_bytes: int = 64 << 20  # the buffer never holds more than this, whatever the capacity
     ratio: float = 1.0  # replayed samples per fresh sample in a step
     recency_share: float = 0.25  # of the replayed samples, drawn from the most recent ones
@@ -191,12 +191,12 @@ class DriftConfig:
     enabled: bool = True
     detector: Literal["adwin", "page_hinkley"] = "adwin"
     lr_boost: float = 3.0  # learning-rate factor right after a drift, decaying back to 1
-    boost_steps: int = 200  # steps over which the boost decays
+    boost_steps: int = 400  # steps over which the boost decays
     # Updates per labelled batch while the boost after an input shift lasts (at least train.steps_per_batch's):
     # the fresh rows of the new regime are trained again with new replayed samples, so fewer records are
     # needed to learn it. A drift that brings new classes gets none: the repeated fresh rows would crowd out
     # the old classes' replay (learn/drift.py tells the two apart).
-    boost_updates: int = 1
+    boost_updates: int = 6
     # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
     # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.
     protect_samples: int = 0

@@ -256,7 +256,8 @@ def test_a_drift_that_brings_new_classes_can_boost_but_gets_no_extra_updates(tmp
 
 
 def test_a_drift_makes_the_served_ema_follow_the_student(tmp_path):
-    cfg = config(tmp_path, "drift.ema_decay=0.5", "drift.ema_steps=10", "gate.enabled=false", plain=False)
+    cfg = config(tmp_path, "drift.ema_decay=0.5", "drift.ema_steps=10", "drift.boost_updates=1",
+                 "gate.enabled=false", plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(4)))
     run(parts, 4 * BATCH)
     tr = parts.trainer

@@ -23,9 +23,10 @@ Configuration keys (section ``drift``):
 - ``drift.detector``: ``adwin`` (``river.drift.ADWIN``) or ``page_hinkley`` (``river.drift.PageHinkley``).
   Default ``adwin``.
 - ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 3.0.
-- ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 200.
+- ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 400.
 - ``drift.boost_updates``: updates per labelled batch while the boost after an input shift lasts (the
-  trainer's). Default 1.
+  trainer's). Default 6.
+- ``drift.on_new_classes``: ``budget`` (default) or ``boost``: the trainer's reaction to ``new_classes``.
 
 On a detection the loop is expected to raise the budget to its ceiling, start the boost, protect the
 replay buffer's older content, log :meth:`DriftEvent.as_dict` as one structured event, count it, and
