@@ -192,18 +192,17 @@ class DriftConfig:
     detector: Literal["adwin", "page_hinkley"] = "adwin"
     lr_boost: float = 3.0  # learning-rate factor right after a drift, decaying back to 1
     boost_steps: int = 400  # steps over which the boost decays
-    # Updates per labelled batch while the boost after an input shift lasts (at least train.steps_per_batch's):
-    # the fresh rows of the new regime are trained again with new replayed samples, so fewer records are
-    # needed to learn it. A drift that brings new classes gets none: the repeated fresh rows would crowd out
-    # the old classes' replay (learn/drift.py tells the two apart).
+    # Updates per labelled batch while the boost lasts (at least train.steps_per_batch's): the fresh rows of
+    # the new regime are trained again with new replayed samples, so fewer records are needed to learn it.
     boost_updates: int = 6
     # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
     # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.
     protect_samples: int = 0
-    # The reaction to a drift that brings new classes (learn/drift.py tells it from an input shift): "budget"
-    # raises the teacher budget only; "boost" also raises the learning rate and makes the served EMA follow the
-    # student, as after an input shift. What the student knows still holds then, and both speed up forgetting it.
-    on_new_classes: Literal["budget", "boost"] = "budget"
+    # The drifts that get the boost (lr_boost, boost_updates, the EMA following the student): "input_shift",
+    # or "all". Every drift raises the teacher budget. After new classes what the student knows still holds
+    # and the boost only speeds up forgetting it; after a label shift (the inputs look as usual, the teacher's
+    # labels moved) the teacher itself may be wrong. learn/drift.py tells the kinds apart.
+    boost_on: Literal["input_shift", "all"] = "input_shift"
     # The served EMA follows the student closely after a drift: its decay drops to ema_decay and rises
     # linearly back to ema.decay over ema_steps updates (ema_steps 0: off).
     ema_decay: float = 0.9

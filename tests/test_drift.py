@@ -83,7 +83,7 @@ def test_a_rise_is_learning_not_drift(detector):
 
 def test_grace_period_gives_one_event_per_shift():
     # A gradual shift keeps moving after the first detection: without a grace period it fires again.
-    gradual = dict(change=10_000, ramp=6_000)
+    gradual = dict(change=10_000, ramp=6_000, conf=(0.9, 0.3))
     assert len(feed(DriftMonitor("adwin", grace=0), seed=5, n=20_000, **gradual)) > 1
     events = feed(DriftMonitor("adwin", grace=8_000), seed=5, n=20_000, **gradual)
     assert len(events) == 1
@@ -121,7 +121,7 @@ def test_event_is_a_plain_record():
     event = feed(m, seed=8, n=12_000, change=6_000)[0]
     d = event.as_dict()
     assert set(d) == {"signal", "detector", "samples_seen", "observations", "mean_before", "mean_after", "kind",
-                      "novel_share"}
+                      "novel_share", "confidence", "usual_confidence"}
     assert d["detector"] == "page_hinkley" and d["samples_seen"] == event.samples_seen > 6_000
 
 
@@ -182,6 +182,10 @@ def test_drift_kind_compares_the_batch_with_the_class_mix_so_far():
     assert drift_kind(np.arange(64), np.full(1000, 0.001)) == ("input_shift", 0.0)  # many classes, none rare
     assert drift_kind(np.array([0, 1]), None) == ("input_shift", None)  # nothing to compare with yet
     assert drift_kind(np.array([], dtype=np.int64), two_classes) == ("input_shift", None)
+    # The same classes: the student's confidence tells an input shift from a label shift.
+    assert drift_kind(np.array([0, 1]), two_classes, 0.70, 0.90) == ("input_shift", 0.0)
+    assert drift_kind(np.array([0, 1]), two_classes, 0.88, 0.90) == ("label_shift", 0.0)
+    assert drift_kind(np.array([2, 3]), two_classes, 0.88, 0.90) == ("new_classes", 1.0)
 
 
 @pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
@@ -196,3 +200,11 @@ def test_a_drift_on_the_same_classes_is_an_input_shift(detector):
     assert events and events[0].kind == "input_shift" and events[0].novel_share < 0.1
     without = feed(DriftMonitor(detector), seed=11, n=16_000, change=8_000)
     assert without[0].kind == "input_shift" and without[0].novel_share is None  # no classes given
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
+def test_agreement_falling_while_the_confidence_holds_is_a_label_shift(detector):
+    events = feed(DriftMonitor(detector), seed=5, n=16_000, change=8_000, agree=(0.88, 0.3), conf=(0.9, 0.9),
+                  classes=(range(10), range(10)))
+    assert events and events[0].signal == "agreement" and events[0].kind == "label_shift"
+    assert abs(events[0].usual_confidence - 0.9) < 0.02

@@ -218,41 +218,42 @@ def test_a_drift_trains_each_batch_boost_updates_times_while_the_boost_lasts(tmp
         assert sched.last_epoch - before == expected
 
 
-NEW_CLASSES = {"signal": "confidence", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5,
-               "kind": "new_classes", "novel_share": 1.0}
+def drift(kind: str) -> dict:
+    return {"signal": "agreement", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5, "kind": kind,
+            "novel_share": 0.0}
 
 
-def test_a_drift_that_brings_new_classes_raises_the_budget_only(tmp_path):
+@pytest.mark.parametrize("kind", ["new_classes", "label_shift"])
+def test_a_drift_that_is_no_input_shift_raises_the_budget_only(tmp_path, kind):
     cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false",
                  "teacher.budget=adaptive", plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
     run(parts, 2 * BATCH)
-    tr = parts.trainer
+    tr, sched = parts.trainer, parts.learner.scheduler
     tr.ema.updates = 10_000  # past the warmup ramp
     tr.budget.controller.budget = cfg.teacher.budget_floor
     tr.budget.update(None, drift=True)  # what _watch does before on_drift
-    tr.on_drift(NEW_CLASSES)
+    tr.on_drift(drift(kind))
     assert tr.budget.value == cfg.teacher.budget_ceiling
-    assert tr.boost.multiplier == 1.0 and tr._updates() == 1 and tr.ema.current_decay() == cfg.ema.decay
-    assert tr.manifest()["drift"]["last"]["kind"] == "new_classes"
+    assert tr.boost.multiplier == 1.0 and tr.ema.current_decay() == cfg.ema.decay
+    before = sched.last_epoch
+    tr.step(parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1)))
+    assert sched.last_epoch == before + 1  # no extra updates
+    assert tr.manifest()["drift"]["last"]["kind"] == kind and tr.manifest()["drift"]["detected"] == 1
 
 
-def test_a_drift_that_brings_new_classes_can_boost_but_gets_no_extra_updates(tmp_path):
+def test_boost_on_all_boosts_after_any_drift(tmp_path):
     cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false",
-                 "drift.on_new_classes=boost", plain=False)
+                 "drift.boost_on=all", "drift.ema_decay=0.5", plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
     run(parts, 2 * BATCH)
     tr, sched = parts.trainer, parts.learner.scheduler
-    lab = parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1))
-    tr.on_drift(NEW_CLASSES)
-    assert tr.boost.multiplier == 3.0
+    tr.ema.updates = 10_000
+    tr.on_drift(drift("new_classes"))
+    assert tr.boost.multiplier == 3.0 and tr.ema.current_decay() == 0.5
     before = sched.last_epoch
-    tr.step(lab)
-    assert sched.last_epoch == before + 1 and parts.learner.lr_scale == 3.0
-    restored = daemon.build(config(tmp_path / "r", "drift.boost_updates=3", "drift.boost_steps=2",
-                                   "gate.enabled=false", plain=False), intake=MemoryIntake(batches(1)))
-    restored.trainer.load_state_dict(tr.state_dict())  # the boost's kind survives a restart
-    assert restored.trainer.boost_kind == "new_classes" and restored.trainer._updates() == 1
+    tr.step(parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1)))
+    assert sched.last_epoch == before + 3
 
 
 def test_a_drift_makes_the_served_ema_follow_the_student(tmp_path):

@@ -8,13 +8,15 @@ By default only drops count as drift (``direction="down"``): a rising agreement 
 student learning. After a detection both detectors restart on the new regime, and no further event is
 raised for ``grace`` samples, so one shift gives one event.
 
-Each event also says what kind of change it is, from the teacher's top-1 classes (:func:`drift_kind`):
-``new_classes`` when most samples of the batch that fired belong to classes the stream has hardly shown so
-far (a moving average of the class mix over about ``MIX_HORIZON`` samples), else ``input_shift`` (the same
-classes look different: a camera that moved, new lighting). The trainer reacts to the two differently.
+Each event also says what kind of change it is (:func:`drift_kind`), from the teacher's top-1 classes and
+the student's confidence on the batch that fired, against their moving averages over about ``MIX_HORIZON``
+samples: ``new_classes`` when most samples belong to classes the stream has hardly shown; else
+``input_shift`` when the student's confidence fell (the same classes look different: a camera that moved,
+new lighting); else ``label_shift`` (the inputs look as usual to the student, but the teacher's labels for
+them moved: a teacher that changed or went wrong). The trainer reacts to them differently.
 
 The detectors' windows are not saved: after a restart they start empty (they need a few hundred samples
-to be armed again). :meth:`DriftMonitor.state_dict` keeps the counters and the class mix. :class:`LrBoost`
+to be armed again). :meth:`DriftMonitor.state_dict` keeps the counters and the moving averages. :class:`LrBoost`
 and the budget controller (``budget.BudgetController``) survive restarts too.
 
 Configuration keys (section ``drift``):
@@ -26,7 +28,7 @@ Configuration keys (section ``drift``):
 - ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 400.
 - ``drift.boost_updates``: updates per labelled batch while the boost after an input shift lasts (the
   trainer's). Default 6.
-- ``drift.on_new_classes``: ``budget`` (default) or ``boost``: the trainer's reaction to ``new_classes``.
+- ``drift.boost_on``: ``input_shift`` (default) or ``all``: the kinds the trainer boosts after.
 
 On a detection the loop is expected to raise the budget to its ceiling, start the boost, protect the
 replay buffer's older content, log :meth:`DriftEvent.as_dict` as one structured event, count it, and
@@ -46,10 +48,15 @@ from river import drift as river_drift
 DETECTORS = ("adwin", "page_hinkley")
 DIRECTIONS = ("down", "both")
 SIGNALS = ("agreement", "confidence")
-KINDS = ("input_shift", "new_classes")
+KINDS = ("input_shift", "new_classes", "label_shift")
 MIX_HORIZON = 5000  # samples: the class mix a batch is compared with is a moving average over about this many
 RARE_SHARE = 0.25  # a class is rare when its share of the mix is below this fraction of an even share
 NOVEL_MAJORITY = 0.5  # a drift brings new classes when more than this share of the firing batch is of rare ones
+# The smallest change of a signal's mean that ADWIN may report. Confidence arrives on every sample, so over a
+# long window ADWIN finds even the slow wobble of a learning student's confidence significant; a drift that
+# matters moves it by more. Agreement arrives on the random share only and needs a large change anyway.
+MIN_CHANGE = {"confidence": 0.05}
+CONFIDENCE_FALL = 0.05  # an input shift: the student's mean confidence on the firing batch fell this much below usual
 
 # Per-signal detector settings. Agreement arrives only from the random share (about one sample in ten), so
 # its detector must decide from few observations: ADWIN checks for a cut every 8 observations instead of
@@ -81,6 +88,8 @@ class DriftEvent:
     mean_after: float | None
     kind: str = "input_shift"  # KINDS: see drift_kind
     novel_share: float | None = None  # share of the firing batch's samples of classes rare so far
+    confidence: float | None = None  # the student's mean confidence on the firing batch...
+    usual_confidence: float | None = None  # ...and its moving average before it
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,22 +100,32 @@ def student_confidence(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.detach().float(), dim=1).amax(dim=1)
 
 
-def drift_kind(classes: np.ndarray, mix: np.ndarray | None) -> tuple[str, float | None]:
-    """What a drift is, from the teacher's top-1 ``classes`` (int, the batch that fired) and the stream's
-    class ``mix`` so far (shares summing to 1, or None before any): ``("new_classes", share)`` when more than
-    ``NOVEL_MAJORITY`` of the samples are of rare classes, else ``("input_shift", share)``. ``share`` is that
-    fraction; None (and ``input_shift``) without classes or mix. A class is rare when its share is below
-    ``RARE_SHARE`` of the share it would have if the classes the stream has shown were equally frequent
-    (1 / the mix's perplexity), so the rule reads the same for 10 classes or 1,000.
+def drift_kind(classes: np.ndarray, mix: np.ndarray | None, confidence: float | None = None,
+               usual_confidence: float | None = None) -> tuple[str, float | None]:
+    """What a drift is: ``(kind, novel_share)``.
+
+    ``classes``: the teacher's top-1 (int) on the batch that fired; ``mix``: the stream's class shares so far
+    (summing to 1, or None before any); ``confidence``: the student's mean max-softmax on that batch;
+    ``usual_confidence``: its moving average so far. ``novel_share`` is the share of the batch's samples of
+    rare classes (None without classes or mix); a class is rare when its share is below ``RARE_SHARE`` of the
+    share it would have if the classes the stream has shown were equally frequent (1 / the mix's
+    perplexity), so the rule reads the same for 10 classes or 1,000.
+
+    ``new_classes`` when ``novel_share`` > ``NOVEL_MAJORITY``; else ``label_shift`` when the confidence is
+    known and did not fall by ``CONFIDENCE_FALL``; else ``input_shift``.
     """
-    if mix is None or len(classes) == 0:
-        return "input_shift", None
-    classes = np.clip(classes, 0, None)
-    mix = np.pad(mix, (0, max(0, int(classes.max()) + 1 - len(mix))))  # classes never seen have share 0
-    shown = mix[mix > 0]
-    effective = float(np.exp(-(shown * np.log(shown)).sum()))  # perplexity: classes the stream has shown
-    novel = float((mix[classes] < RARE_SHARE / effective).mean())
-    return ("new_classes" if novel > NOVEL_MAJORITY else "input_shift"), novel
+    novel = None
+    if mix is not None and len(classes):
+        classes = np.clip(classes, 0, None)
+        mix = np.pad(mix, (0, max(0, int(classes.max()) + 1 - len(mix))))  # classes never seen have share 0
+        shown = mix[mix > 0]
+        effective = float(np.exp(-(shown * np.log(shown)).sum()))  # perplexity: classes the stream has shown
+        novel = float((mix[classes] < RARE_SHARE / effective).mean())
+    if novel is not None and novel > NOVEL_MAJORITY:
+        return "new_classes", novel
+    if confidence is not None and usual_confidence is not None and confidence > usual_confidence - CONFIDENCE_FALL:
+        return "label_shift", novel
+    return "input_shift", novel
 
 
 def _values(xs: Iterable[float] | torch.Tensor | np.ndarray) -> list[float]:
@@ -153,6 +172,8 @@ class _Signal:
             self.n, self.total = 0, 0.0
         if self.direction == "down" and adwin and before is not None and after >= before:
             return None  # a rise: the student is learning, not drift
+        if adwin and before is not None and abs(before - after) < MIN_CHANGE.get(self.name, 0.0):
+            return None  # significant, but too small to act on
         return DriftEvent(self.name, self.detector, 0, n, before, after)
 
 
@@ -193,6 +214,8 @@ class DriftMonitor:
         self.quiet_until = int(warmup)
         self.mix: np.ndarray | None = None  # moving average of the teacher's top-1 class shares
         self._mixed = 0  # samples averaged into it
+        self.usual_confidence: float | None = None  # moving average of the student's confidence
+        self._confided = 0  # samples averaged into it
 
     def update(self, agreement_per_sample, confidence_per_sample, classes=None) -> DriftEvent | None:
         """Feed one batch: 0/1 agreement of the random share (any length), the student's max-softmax on every
@@ -211,11 +234,14 @@ class DriftMonitor:
                     fired = event
         self.samples_seen += len(confidence)
         labels = np.asarray([] if classes is None else _values(classes), dtype=np.int64)
+        finite = [x for x in confidence if math.isfinite(x)]
+        batch_confidence = sum(finite) / len(finite) if finite else None
         if fired is None or self.samples_seen < self.quiet_until:
-            self._mix(labels)
+            self._average(labels, finite)
             return None
-        kind, novel = drift_kind(labels, self.mix)
-        self._mix(labels)
+        usual = self.usual_confidence
+        kind, novel = drift_kind(labels, self.mix, batch_confidence, usual)
+        self._average(labels, finite)
         # Both detectors start over on the new regime, so the one that has not fired yet does not raise a
         # second event for the same shift once the grace period is over.
         for signal in self.signals.values():
@@ -223,10 +249,17 @@ class DriftMonitor:
         self.detections += 1
         self.quiet_until = self.samples_seen + self.grace
         return DriftEvent(fired.signal, fired.detector, self.samples_seen, fired.observations,
-                          fired.mean_before, fired.mean_after, kind, novel)
+                          fired.mean_before, fired.mean_after, kind, novel, batch_confidence, usual)
 
-    def _mix(self, classes: np.ndarray) -> None:
-        """Average ``classes`` into the class mix (a plain mean until MIX_HORIZON samples, then exponential)."""
+    def _average(self, classes: np.ndarray, confidence: list[float]) -> None:
+        """Average a batch into the class mix and the usual confidence (plain means until MIX_HORIZON samples,
+        then exponential)."""
+        if confidence:
+            self._confided += len(confidence)
+            w = len(confidence) / min(self._confided, MIX_HORIZON)
+            mean = sum(confidence) / len(confidence)
+            self.usual_confidence = mean if self.usual_confidence is None else \
+                (1.0 - w) * self.usual_confidence + w * mean
         if not len(classes) or classes.min() < 0:
             return
         k = max(int(classes.max()) + 1, 0 if self.mix is None else len(self.mix))
@@ -239,7 +272,8 @@ class DriftMonitor:
     def state_dict(self) -> dict:
         """The counters and the class mix; the detectors' windows are not kept (see the module docstring)."""
         return {"samples_seen": self.samples_seen, "detections": self.detections, "quiet_until": self.quiet_until,
-                "mix": None if self.mix is None else self.mix.tolist(), "mixed": self._mixed}
+                "mix": None if self.mix is None else self.mix.tolist(), "mixed": self._mixed,
+                "usual_confidence": self.usual_confidence, "confided": self._confided}
 
     def load_state_dict(self, state: dict) -> None:
         self.samples_seen = max(0, int(state["samples_seen"]))
@@ -248,6 +282,9 @@ class DriftMonitor:
         mix = state.get("mix")
         self.mix = None if mix is None else np.asarray(mix, dtype=np.float64)
         self._mixed = max(0, int(state.get("mixed", 0)))
+        usual = state.get("usual_confidence")
+        self.usual_confidence = None if usual is None else float(usual)
+        self._confided = max(0, int(state.get("confided", 0)))
 
 
 class LrBoost:

@@ -10,11 +10,9 @@ One :meth:`Trainer.step` per labelled batch:
 4. the fresh samples enter the replay buffer;
 5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
    budget goes to its ceiling and the replay buffer keeps its older content when ``drift.protect_samples``
-   is set. After an input shift the learning rate is also raised for a while (each batch then gets
-   ``drift.boost_updates`` updates) and the served EMA follows the student closely for a while
-   (``drift.ema_decay``, ``drift.ema_steps``); a drift that brings new classes gets that only with
-   ``drift.on_new_classes: boost``, and never the extra updates (the repeated fresh rows would crowd out
-   the old classes' replay).
+   is set. After an input shift (any drift, with ``drift.boost_on: all``) the learning rate is also raised
+   for a while, each batch then gets ``drift.boost_updates`` updates, and the served EMA follows the
+   student closely for a while (``drift.ema_decay``, ``drift.ema_steps``).
 
 Every piece can be switched off (``replay.enabled``, ``ema.enabled``, ``gate.enabled``, ``drift.enabled``);
 with all off this is the plain online KD step.
@@ -67,7 +65,6 @@ class Trainer:
         self.boost = LrBoost(d.lr_boost, d.boost_steps)
         self.drifts = 0
         self.last_drift: dict | None = None
-        self.boost_kind = "input_shift"  # the kind of the drift the running boost follows
         self.rejections = 0
         self.last_rejection: dict | None = None
         self.held_out = 0  # samples of the last batch that went to the holdout instead of training
@@ -81,8 +78,8 @@ class Trainer:
     def step(self, lab: Labelled) -> torch.Tensor | None:
         """Train on a labelled batch; returns the learner's stats (device), or None if nothing was trained.
 
-        At a teacher budget below 1 the batch gets ``train.steps_per_batch`` updates (while the boost after an
-        input shift lasts, at least ``drift.boost_updates``): the first one scores and counts the fresh rows, the others
+        At a teacher budget below 1 the batch gets ``train.steps_per_batch`` updates (while a drift boost
+        lasts, at least ``drift.boost_updates``): the first one scores and counts the fresh rows, the others
         train them again with a new draw of replayed samples."""
         self.metrics.teacher_called(int(lab.images.shape[0]), self.budget.value)
         x, t, y, random = lab.images, lab.teacher_logits, lab.labels, lab.random
@@ -114,10 +111,9 @@ class Trainer:
 
     def _updates(self) -> int:
         """Updates for this labelled batch: ``train.steps_per_batch``, at least ``drift.boost_updates`` while
-        the boost after an input shift lasts."""
+        a drift boost lasts."""
         n = self.budget.steps_per_batch(self.cfg.train.steps_per_batch)
-        boosted = self.boost.remaining > 0 and self.boost_kind == "input_shift"
-        return max(n, self.cfg.drift.boost_updates) if boosted else n
+        return max(n, self.cfg.drift.boost_updates) if self.boost.remaining > 0 else n
 
     def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         """The fresh rows plus a draw from the replay buffer, or None when there is nothing to train."""
@@ -153,14 +149,12 @@ class Trainer:
             self.on_drift(event.as_dict())
 
     def on_drift(self, event: dict) -> None:
-        """React to a detection (the budget controller has already seen it): after an input shift, or new
-        classes with ``drift.on_new_classes: boost``, raise the learning rate and let the served EMA follow."""
+        """React to a detection (the budget controller has already seen it): after an input shift (any drift
+        with ``drift.boost_on: all``), boost the learning rate and the updates, and let the served EMA follow."""
         self.drifts += 1
         self.last_drift = {**event, "at": time.time(), "budget_after": self.budget.value}
-        kind = event.get("kind", "input_shift")
-        if kind == "input_shift" or self.cfg.drift.on_new_classes == "boost":
+        if event.get("kind", "input_shift") == "input_shift" or self.cfg.drift.boost_on == "all":
             self.boost.trigger()
-            self.boost_kind = kind
             if self.ema is not None:
                 self.ema.follow(self.cfg.drift.ema_decay, self.cfg.drift.ema_steps)
         if self.replay is not None:
@@ -226,7 +220,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         out: dict = {"budget": self.budget.state_dict(), "boost": self.boost.state_dict(),
-                     "boost_kind": self.boost_kind, "drifts": self.drifts, "rejections": self.rejections}
+                     "drifts": self.drifts, "rejections": self.rejections}
         if self.drift is not None:
             out["drift"] = self.drift.state_dict()
         if self.replay is not None:
@@ -241,7 +235,6 @@ class Trainer:
         self.budget.load_state_dict(state.get("budget", {}))
         if state.get("boost"):
             self.boost.load_state_dict(state["boost"])
-        self.boost_kind = state.get("boost_kind", "input_shift")
         self.drifts = int(state.get("drifts", 0))
         if self.drift is not None and state.get("drift"):
             self.drift.load_state_dict(state["drift"])
