@@ -679,6 +679,14 @@ def poisoned_teacher(bench: Bench) -> dict:
                         poison=window)
     regressed, accs = regressions(bench, gated)
     regressed_ungated, accs_ungated = regressions(bench, ungated)
+    # The same pair with every drift boosted (drift.boost_on=all): the reaction then follows the wrong labels.
+    boosted = {}
+    for name, gate in (("gate", "true"), ("no-gate", "false")):
+        run = bench.run(f"{name}-boost-all", "poisoned", stream,
+                        bench.overrides(f"gate.enabled={gate}", "drift.boost_on=all"), follow=True, poison=window)
+        at, _ = regressions(bench, run)
+        boosted[name] = {"regressed_published": len(at), "regressed_at": at,
+                         "gate_rejections": run.totals["streamkd_snapshot_gate_rejections_total"]}
     out = common(bench, gated)
     out.update(regressed_published=len(regressed), regressed_published_without_gate=len(regressed_ungated),
                gate_throughput_cost=_r(gated.gate_share), gate_wall_cost=round(1 - gated.img_s / ungated.img_s, 4),
@@ -687,7 +695,8 @@ def poisoned_teacher(bench: Bench) -> dict:
                regressed_at=regressed, regressed_at_without_gate=regressed_ungated,
                gate_rejections=gated.totals["streamkd_snapshot_gate_rejections_total"],
                published_acc=[_r(a) for a in accs],
-               published_acc_without_gate=[_r(a) for a in accs_ungated], no_gate_img_s=round(ungated.img_s, 1))
+               published_acc_without_gate=[_r(a) for a in accs_ungated], no_gate_img_s=round(ungated.img_s, 1),
+               boost_on_all=boosted)
     return out
 
 

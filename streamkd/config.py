@@ -131,7 +131,7 @@ class TrainConfig:
     alpha: float = 0.9
     loss: Literal["kl", "soft_ce"] = "kl"
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 5e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     warmup_steps: int = 0
