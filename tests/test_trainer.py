@@ -224,22 +224,32 @@ def drift(kind: str) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["new_classes", "label_shift"])
-def test_a_drift_that_is_no_input_shift_raises_the_budget_only(tmp_path, kind):
-    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false",
-                 "teacher.budget=adaptive", plain=False)
+def test_a_drift_that_is_no_input_shift_gets_no_boost(tmp_path, kind):
+    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false", plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
     run(parts, 2 * BATCH)
     tr, sched = parts.trainer, parts.learner.scheduler
     tr.ema.updates = 10_000  # past the warmup ramp
-    tr.budget.controller.budget = cfg.teacher.budget_floor
-    tr.budget.update(None, drift=True)  # what _watch does before on_drift
     tr.on_drift(drift(kind))
-    assert tr.budget.value == cfg.teacher.budget_ceiling
     assert tr.boost.multiplier == 1.0 and tr.ema.current_decay() == cfg.ema.decay
     before = sched.last_epoch
     tr.step(parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1)))
     assert sched.last_epoch == before + 1  # no extra updates
     assert tr.manifest()["drift"]["last"]["kind"] == kind and tr.manifest()["drift"]["detected"] == 1
+
+
+def test_the_drift_monitor_reads_the_teachers_classes_and_resumes_with_them(tmp_path):
+    cfg = config(tmp_path, "gate.enabled=false", "checkpoint.every_steps=1000", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(4)))
+    run(parts, 4 * BATCH)
+    monitor = parts.trainer.drift
+    assert monitor.mix is not None and monitor.mix.sum() == pytest.approx(1.0)
+    assert 0.0 < monitor.usual_confidence <= 1.0
+    restored = daemon.build(config(tmp_path / "r", "gate.enabled=false", plain=False),
+                            intake=MemoryIntake(batches(1)))
+    restored.trainer.load_state_dict(parts.trainer.state_dict())
+    assert restored.trainer.drift.mix.tolist() == monitor.mix.tolist()
+    assert restored.trainer.drift.usual_confidence == monitor.usual_confidence
 
 
 def test_boost_on_all_boosts_after_any_drift(tmp_path):

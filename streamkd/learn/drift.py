@@ -26,13 +26,12 @@ Configuration keys (section ``drift``):
   Default ``adwin``.
 - ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 3.0.
 - ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 400.
-- ``drift.boost_updates``: updates per labelled batch while the boost after an input shift lasts (the
-  trainer's). Default 6.
+- ``drift.boost_updates``: updates per labelled batch while the boost lasts (the trainer's). Default 6.
 - ``drift.boost_on``: ``input_shift`` (default) or ``all``: the kinds the trainer boosts after.
 
-On a detection the loop is expected to raise the budget to its ceiling, start the boost, protect the
-replay buffer's older content, log :meth:`DriftEvent.as_dict` as one structured event, count it, and
-record it in the next snapshot's manifest.
+On a detection the loop is expected to raise the budget to its ceiling, start the boost after an input shift
+(after any drift with ``drift.boost_on: all``), protect the replay buffer's older content, log
+:meth:`DriftEvent.as_dict` as one structured event, count it, and record it in the next snapshot's manifest.
 """
 
 from __future__ import annotations
@@ -241,6 +240,8 @@ class DriftMonitor:
             return None
         usual = self.usual_confidence
         kind, novel = drift_kind(labels, self.mix, batch_confidence, usual)
+        if kind == "label_shift" and fired.signal == "confidence":
+            kind = "input_shift"  # the confidence detector itself saw the student grow less sure
         self._average(labels, finite)
         # Both detectors start over on the new regime, so the one that has not fired yet does not raise a
         # second event for the same shift once the grace period is over.

@@ -135,15 +135,15 @@ class Trainer:
         sample), so the plain step keeps no per-step host sync."""
         if not fresh or (self.drift is None and not self.budget.active):
             return
-        top1 = t.argmax(1)
-        agree = (self.learner.last_pred == top1)[random].float().cpu()
+        pred, top1, random = torch.stack([self.learner.last_pred, t.argmax(1), random.long()]).cpu()  # one copy
+        agree = (pred == top1)[random.bool()].float()
         random_agreement = float(agree.mean()) if agree.numel() else None
         if random_agreement is not None:
             self.metrics.random_agreement(random_agreement)
         event = None
         if self.drift is not None:
             confidence = lab.confidence if lab.confidence is not None else self.learner.last_confidence
-            event = self.drift.update(agree.tolist(), confidence.float().cpu().tolist(), top1.cpu().tolist())
+            event = self.drift.update(agree.tolist(), confidence.float().cpu().tolist(), top1.tolist())
         self.budget.update(random_agreement, drift=event is not None)
         if event is not None:
             self.on_drift(event.as_dict())

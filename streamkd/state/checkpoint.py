@@ -57,7 +57,8 @@ class TrainState:
     optimizer: dict  # optimizer.state_dict() with CPU tensors
     extra: dict = field(default_factory=dict)  # JSON-able: config_sha256, teacher sha256, scheduler step, ...
     # What else the lineage learns with, as tensors and plain values (loads with weights_only=True):
-    # the replay buffer, the EMA weights, the holdout, the budget controller, the learning-rate boost.
+    # the replay buffer, the EMA weights, the holdout, the budget controller, the learning-rate boost, the
+    # drift monitor's counters and moving averages.
     learning: dict = field(default_factory=dict)
 
 
