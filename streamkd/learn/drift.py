@@ -100,7 +100,7 @@ def student_confidence(logits: torch.Tensor) -> torch.Tensor:
 
 
 def drift_kind(classes: np.ndarray, mix: np.ndarray | None, confidence: float | None = None,
-               usual_confidence: float | None = None) -> tuple[str, float | None]:
+               usual_confidence: float | None = None, signal: str = "agreement") -> tuple[str, float | None]:
     """What a drift is: ``(kind, novel_share)``.
 
     ``classes``: the teacher's top-1 (int) on the batch that fired; ``mix``: the stream's class shares so far
@@ -110,8 +110,9 @@ def drift_kind(classes: np.ndarray, mix: np.ndarray | None, confidence: float | 
     share it would have if the classes the stream has shown were equally frequent (1 / the mix's
     perplexity), so the rule reads the same for 10 classes or 1,000.
 
-    ``new_classes`` when ``novel_share`` > ``NOVEL_MAJORITY``; else ``label_shift`` when the confidence is
-    known and did not fall by ``CONFIDENCE_FALL``; else ``input_shift``.
+    ``new_classes`` when ``novel_share`` > ``NOVEL_MAJORITY``; else ``label_shift`` when the agreement
+    detector fired (``signal``) and the confidence is known and did not fall by ``CONFIDENCE_FALL``; else
+    ``input_shift`` (a confidence detection is a fall of the student's confidence by itself).
     """
     novel = None
     if mix is not None and len(classes):
@@ -122,7 +123,8 @@ def drift_kind(classes: np.ndarray, mix: np.ndarray | None, confidence: float | 
         novel = float((mix[classes] < RARE_SHARE / effective).mean())
     if novel is not None and novel > NOVEL_MAJORITY:
         return "new_classes", novel
-    if confidence is not None and usual_confidence is not None and confidence > usual_confidence - CONFIDENCE_FALL:
+    held = confidence is not None and usual_confidence is not None and confidence > usual_confidence - CONFIDENCE_FALL
+    if signal == "agreement" and held:
         return "label_shift", novel
     return "input_shift", novel
 
@@ -232,16 +234,14 @@ class DriftMonitor:
                 if fired is None and event is not None:
                     fired = event
         self.samples_seen += len(confidence)
-        labels = np.asarray([] if classes is None else _values(classes), dtype=np.int64)
+        labels = np.asarray([] if classes is None else classes, dtype=np.int64).reshape(-1)
         finite = [x for x in confidence if math.isfinite(x)]
         batch_confidence = sum(finite) / len(finite) if finite else None
         if fired is None or self.samples_seen < self.quiet_until:
             self._average(labels, finite)
             return None
         usual = self.usual_confidence
-        kind, novel = drift_kind(labels, self.mix, batch_confidence, usual)
-        if kind == "label_shift" and fired.signal == "confidence":
-            kind = "input_shift"  # the confidence detector itself saw the student grow less sure
+        kind, novel = drift_kind(labels, self.mix, batch_confidence, usual, fired.signal)
         self._average(labels, finite)
         # Both detectors start over on the new regime, so the one that has not fired yet does not raise a
         # second event for the same shift once the grace period is over.
@@ -256,22 +256,17 @@ class DriftMonitor:
         """Average a batch into the class mix and the usual confidence (plain means until MIX_HORIZON samples,
         then exponential)."""
         if confidence:
-            self._confided += len(confidence)
-            w = len(confidence) / min(self._confided, MIX_HORIZON)
-            mean = sum(confidence) / len(confidence)
-            self.usual_confidence = mean if self.usual_confidence is None else \
-                (1.0 - w) * self.usual_confidence + w * mean
+            self.usual_confidence, self._confided = _fold(self.usual_confidence, self._confided,
+                                                          sum(confidence) / len(confidence), len(confidence))
         if not len(classes) or classes.min() < 0:
             return
         k = max(int(classes.max()) + 1, 0 if self.mix is None else len(self.mix))
-        counts = np.bincount(classes, minlength=k).astype(np.float64)
-        mix = np.zeros(k) if self.mix is None else np.pad(self.mix, (0, k - len(self.mix)))
-        self._mixed += len(classes)
-        w = len(classes) / min(self._mixed, MIX_HORIZON)
-        self.mix = (1.0 - w) * mix + w * counts / len(classes)
+        shares = np.bincount(classes, minlength=k) / len(classes)
+        mix = None if self.mix is None else np.pad(self.mix, (0, k - len(self.mix)))
+        self.mix, self._mixed = _fold(mix, self._mixed, shares, len(classes))
 
     def state_dict(self) -> dict:
-        """The counters and the class mix; the detectors' windows are not kept (see the module docstring)."""
+        """The counters and the moving averages; the detectors' windows are not kept (see the module docstring)."""
         return {"samples_seen": self.samples_seen, "detections": self.detections, "quiet_until": self.quiet_until,
                 "mix": None if self.mix is None else self.mix.tolist(), "mixed": self._mixed,
                 "usual_confidence": self.usual_confidence, "confided": self._confided}
@@ -286,6 +281,14 @@ class DriftMonitor:
         usual = state.get("usual_confidence")
         self.usual_confidence = None if usual is None else float(usual)
         self._confided = max(0, int(state.get("confided", 0)))
+
+
+def _fold(average, count: int, mean, n: int):
+    """``(average, count)`` after folding in ``n`` samples of mean ``mean`` (a float or an array): a plain mean
+    until ``MIX_HORIZON`` samples, then an exponential one over about that many."""
+    count += n
+    w = n / min(count, MIX_HORIZON)
+    return (mean if average is None else (1.0 - w) * average + w * mean), count
 
 
 class LrBoost:
