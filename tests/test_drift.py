@@ -185,6 +185,8 @@ def test_drift_kind_compares_the_batch_with_the_class_mix_so_far():
     # The same classes: the student's confidence tells an input shift from a label shift.
     assert drift_kind(np.array([0, 1]), two_classes, 0.70, 0.90) == ("input_shift", 0.0)
     assert drift_kind(np.array([0, 1]), two_classes, 0.88, 0.90) == ("label_shift", 0.0)
+    # A confidence detection is a fall of the student's confidence by itself, whatever the firing batch says.
+    assert drift_kind(np.array([0, 1]), two_classes, 0.88, 0.90, "confidence") == ("input_shift", 0.0)
     assert drift_kind(np.array([2, 3]), two_classes, 0.88, 0.90) == ("new_classes", 1.0)
 
 
