@@ -30,12 +30,15 @@ Scenarios (``--scenario``):
   was used before; a clean-trained student already scored on it what the teacher's labels could teach, so
   there was nothing to recover and the detector could not make a difference.) Accuracy on the clean and the
   corrupted (translated) test sets after each phase. ``detection_delay``: records after the change until
-  ``streamkd_drift_detected_total`` moves. ``recovery_samples``: records after the change until a
-  published snapshot's corrupted-test accuracy is within 1 point of its plateau (the mean over the last
-  quarter of the corrupted phase). The same run without the detector runs as the reference.
-  ``recovery_samples_to_reference_plateau``: the same for the run with the detector, measured against
-  the reference run's plateau (the level both runs reach, where each run's own plateau moves with how
-  much it has learnt by the end of the phase).
+  ``streamkd_drift_detected_total`` moves. The same run without the detector runs as the reference.
+  A run's plateau is the mean corrupted-test accuracy of its published snapshots over the last quarter of
+  the corrupted phase; ``post_shift_plateau`` is the lower of the two runs' plateaus, the level both runs
+  reach. ``recovery_samples`` / ``recovery_samples_without_detector``: records after the change until a
+  published snapshot's corrupted-test accuracy is within 1 point of ``post_shift_plateau``, with and
+  without the detector; ``recovery_speedup``: their ratio. ``recovery_samples_own_plateau`` (and
+  ``..._without_detector``): the same against each run's own plateau. That measure moves with how much
+  a run has learnt by the end of the phase: a run that keeps improving has a higher plateau to come
+  within a point of, and reads as recovering later.
 * ``stationary-drift-check``: drift detections over the stationary stream (all of them false alarms).
 * ``poisoned-teacher``: for 2k records mid-stream the teacher's logits are replaced by random ones that look
   as confident as real ones (each row's own logits with its classes randomly permuted). A snapshot every 512
@@ -619,6 +622,18 @@ def recovery(points: list[tuple[int, float]], shift_at: int, shift_end: int, lev
     return next((p - shift_at for p, a in points if shift_at < p <= shift_end and a >= level - RECOVERED), None)
 
 
+def recoveries(with_detector: list[tuple[int, float]], without_detector: list[tuple[int, float]], at: int,
+               end: int) -> dict:
+    """The recovery keys of ``shift``: against the level both runs reach, and against each run's own plateau."""
+    own, ref = plateau(with_detector, at, end), plateau(without_detector, at, end)
+    level = None if own is None or ref is None else min(own, ref)
+    fast, slow = recovery(with_detector, at, end, level), recovery(without_detector, at, end, level)
+    return dict(post_shift_plateau=_r(level), recovery_samples=fast, recovery_samples_without_detector=slow,
+                recovery_speedup=round(slow / fast, 3) if fast and slow else None,
+                recovery_samples_own_plateau=recovery(with_detector, at, end),
+                recovery_samples_own_plateau_without_detector=recovery(without_detector, at, end))
+
+
 def shift(bench: Bench) -> dict:
     stream = shift_stream(bench.train_x, bench.sizes["shift"], bench.rng)
     produce_stream(bench.bootstrap, "shift", stream)
@@ -632,10 +647,7 @@ def shift(bench: Bench) -> dict:
     out.update(teacher_corrupted_acc=round(bench.teacher_acc["corrupted"], 4),
                detection_delay=first_after(configured.detections, at),
                false_alarms=None if configured.detections is None else sum(p < at for p in configured.detections),
-               recovery_samples=recovery(with_detector, at, end),
-               recovery_samples_without_detector=recovery(without_detector, at, end),
-               recovery_samples_to_reference_plateau=recovery(with_detector, at, end,
-                                                              plateau(without_detector, at, end)),
+               **recoveries(with_detector, without_detector, at, end),
                corrupted_acc=phases[1]["corrupted"], clean_acc_before_shift=phases[0]["clean"],
                clean_acc_after=phases[2]["clean"], phases=phases, detections=configured.detections,
                no_detector_img_s=round(ref.img_s, 1),

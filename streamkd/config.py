@@ -194,7 +194,11 @@ class DriftConfig:
     boost_steps: int = 400  # steps over which the boost decays
     # Updates per labelled batch while the boost lasts (at least train.steps_per_batch's): the fresh rows of
     # the new regime are trained again with new replayed samples, so fewer records are needed to learn it.
-    boost_updates: int = 6
+    boost_updates: int = 8
+    # While the boost lasts, the replayed part of those extra updates comes this much from the replay buffer's
+    # latest samples (the new regime); each batch's first update keeps the usual mix (replay.recency_share), so
+    # the older content is still replayed once per batch.
+    boost_recent_share: float = 1.0
     # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
     # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.
     protect_samples: int = 0
@@ -593,6 +597,7 @@ def _validate_learning(cfg: Config) -> None:
         _fraction("teacher.target_agreement", t.target_agreement, zero=False)
     _fraction("teacher.agreement_drop", t.agreement_drop)
     _positive(cfg, "drift", "lr_boost", "boost_steps", "boost_updates")
+    _fraction("drift.boost_recent_share", cfg.drift.boost_recent_share)
     _positive(cfg, "drift", "protect_samples", "ema_steps", allow_zero=True)
     if not 0.0 < cfg.drift.ema_decay < 1.0:
         raise ConfigError("drift.ema_decay", f"must be in (0, 1), got {cfg.drift.ema_decay}")

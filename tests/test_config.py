@@ -65,6 +65,7 @@ def test_env_names_map_to_dotted_keys():
     (["drift.ema_steps=-1"], "drift.ema_steps", ">= 0"),
     (["drift.ema_steps=2.5"], "drift.ema_steps", "integer"),
     (["drift.boost_updates=0"], "drift.boost_updates", "> 0"),
+    (["drift.boost_recent_share=1.5"], "drift.boost_recent_share", "[0, 1]"),
     (["drift.boost_on=never"], "drift.boost_on", "Valid: input_shift, all"),
     (["replay.balance=maybe"], "replay.balance", "true or false"),
 ])

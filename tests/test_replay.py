@@ -92,6 +92,19 @@ def test_recent_region_holds_the_latest_samples_and_gets_its_share_of_draws():
     assert sum(int(i) in latest for i in drawn.tolist()) / drawn.numel() < 0.05
 
 
+def test_a_draw_can_ask_for_its_own_recent_share():
+    buf = ReplayBuffer(100, 10**9, 0.25, 0)
+    feed(buf, 3000, 64)
+    latest = set(range(3000 - 25, 3000))
+    assert set(buf.sample(200, recent=1.0)[2].tolist()) <= latest
+    drawn = torch.cat([buf.sample(7, recent=0.5)[2] for _ in range(2000)])
+    assert 0.48 < sum(int(i) in latest for i in drawn.tolist()) / drawn.numel() < 0.53
+    only_old = buf.sample(400, recent=0.0)[2].tolist()
+    assert sum(i in latest for i in only_old) < 20  # the reservoir, which rarely holds one of the latest
+    with pytest.raises(ValueError, match="recent"):
+        buf.sample(4, recent=1.5)
+
+
 def test_recency_share_one_is_a_fifo():
     buf = ReplayBuffer(30, 10**9, 1.0, 0)
     feed(buf, 500, 17)

@@ -218,6 +218,24 @@ def test_a_drift_trains_each_batch_boost_updates_times_while_the_boost_lasts(tmp
         assert sched.last_epoch - before == expected
 
 
+def test_the_extra_updates_of_a_boost_replay_the_latest_samples(tmp_path):
+    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "drift.boost_recent_share=0.75",
+                 "gate.enabled=false", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
+    run(parts, 2 * BATCH)
+    tr = parts.trainer
+    asked, draw = [], tr.replay.sample
+    tr.replay.sample = lambda n, fresh=0, recent=None: asked.append(recent) or draw(n, fresh, recent)
+    lab = parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1))
+    tr.on_drift(drift("input_shift"))
+    tr.step(lab)
+    assert asked == [None, 0.75, 0.75]  # the first update keeps the usual mix, the extra ones replay the latest
+    tr.step(lab)
+    asked.clear()
+    tr.step(lab)  # the boost is over: one update, the usual mix
+    assert asked == [None]
+
+
 def drift(kind: str) -> dict:
     return {"signal": "agreement", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5, "kind": kind,
             "novel_share": 0.0}

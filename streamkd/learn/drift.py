@@ -26,7 +26,9 @@ Configuration keys (section ``drift``):
   Default ``adwin``.
 - ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 3.0.
 - ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 400.
-- ``drift.boost_updates``: updates per labelled batch while the boost lasts (the trainer's). Default 6.
+- ``drift.boost_updates``: updates per labelled batch while the boost lasts (the trainer's). Default 8.
+- ``drift.boost_recent_share``: the share of the replay draws of those extra updates taken from the replay
+  buffer's latest samples. Default 1.0.
 - ``drift.boost_on``: ``input_shift`` (default) or ``all``: the kinds the trainer boosts after.
 
 On a detection the loop is expected to raise the budget to its ceiling, start the boost after an input shift
@@ -298,7 +300,7 @@ class LrBoost:
     Use: multiply the scheduled learning rate by :attr:`multiplier` for each step, then call :meth:`step`.
     """
 
-    def __init__(self, factor: float = 3.0, steps: int = 200):
+    def __init__(self, factor: float = 3.0, steps: int = 400):
         if not (math.isfinite(factor) and factor >= 1.0):
             raise ValueError(f"lr boost factor must be >= 1, got {factor}")
         if steps < 0:

@@ -299,18 +299,21 @@ class ReplayBuffer:
         self._protect_until = max(self._protect_until, self.seen + samples)
 
     # -- reading -----------------------------------------------------------------------------
-    def sample(self, n: int, fresh: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def sample(self, n: int, fresh: int = 0,
+               recent: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """n stored samples drawn with replacement: (uint8 n×C×H×W, float32 logits n×K, int64 labels n).
 
-        A ``recency_share`` of them (stochastically rounded) comes from the recent region while both
-        regions hold samples. With ``balance``, the reservoir's share complements ``fresh`` rows of the
-        step (and the recent draws) at the recent class frequencies. None when the buffer is empty or
+        A ``recency_share`` of them (``recent``, when given), stochastically rounded, comes from the recent
+        region while both regions hold samples. With ``balance``, the reservoir's share complements ``fresh``
+        rows of the step (and the recent draws) at the recent class frequencies. None when the buffer is empty or
         n == 0. Returns copies.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an integer >= 0, got {n!r}")
         if isinstance(fresh, bool) or not isinstance(fresh, int) or fresh < 0:
             raise ValueError(f"fresh must be an integer >= 0, got {fresh!r}")
+        if recent is not None and not 0.0 <= recent <= 1.0:
+            raise ValueError(f"recent must be in [0, 1], got {recent!r}")
         if n == 0 or len(self) == 0:
             return None
         assert self._images is not None and self._logits is not None and self._labels is not None
@@ -319,7 +322,7 @@ class ReplayBuffer:
         elif self._res_len == 0:
             k = n
         else:
-            want = n * self.recency_share
+            want = n * (self.recency_share if recent is None else recent)
             k = int(want) + int(torch.rand((), generator=self._gen, dtype=torch.float64) < want - int(want))
         if self.balance and self._res_len and n > k:
             res = self._balanced_draw(n - k, k + fresh)

@@ -11,8 +11,9 @@ One :meth:`Trainer.step` per labelled batch:
 5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
    budget goes to its ceiling and the replay buffer keeps its older content when ``drift.protect_samples``
    is set. After an input shift (any drift, with ``drift.boost_on: all``) the learning rate is also raised
-   for a while, each batch then gets ``drift.boost_updates`` updates, and the served EMA follows the
-   student closely for a while (``drift.ema_decay``, ``drift.ema_steps``).
+   for a while, each batch then gets ``drift.boost_updates`` updates (the extra ones replay mostly the
+   latest samples, ``drift.boost_recent_share``), and the served EMA follows the student closely for a
+   while (``drift.ema_decay``, ``drift.ema_steps``).
 
 Every piece can be switched off (``replay.enabled``, ``ema.enabled``, ``gate.enabled``, ``drift.enabled``);
 with all off this is the plain online KD step.
@@ -80,7 +81,8 @@ class Trainer:
 
         At a teacher budget below 1 the batch gets ``train.steps_per_batch`` updates (while a drift boost
         lasts, at least ``drift.boost_updates``): the first one scores and counts the fresh rows, the others
-        train them again with a new draw of replayed samples."""
+        train them again with a new draw of replayed samples (while the boost lasts, a
+        ``drift.boost_recent_share`` of it from the buffer's latest samples)."""
         self.metrics.teacher_called(int(lab.images.shape[0]), self.budget.value)
         x, t, y, random = lab.images, lab.teacher_logits, lab.labels, lab.random
         self.held_out = 0
@@ -101,8 +103,9 @@ class Trainer:
             self.replay.add(x, t, y)
             self.metrics.replay_buffer(len(self.replay), self.replay.nbytes)
         self._watch(lab, t, random, fresh)
+        recent = self.cfg.drift.boost_recent_share if self.boost.remaining > 0 else None
         for _ in range(self._updates() - 1):
-            again = self.learner.step(*self._with_replay(x, t, y), fresh=0)
+            again = self.learner.step(*self._with_replay(x, t, y, recent), fresh=0)
             stats[S["skipped"]] = torch.maximum(stats[S["skipped"]], again[S["skipped"]])
             if self.ema is not None:
                 self.ema.update(self.learner.student)
@@ -115,13 +118,14 @@ class Trainer:
         n = self.budget.steps_per_batch(self.cfg.train.steps_per_batch)
         return max(n, self.cfg.drift.boost_updates) if self.boost.remaining > 0 else n
 
-    def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-        """The fresh rows plus a draw from the replay buffer, or None when there is nothing to train."""
+    def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, recent: float | None = None):
+        """The fresh rows plus a draw from the replay buffer (``recent``: the share of it from the latest
+        samples, ``replay.recency_share`` when None), or None when there is nothing to train."""
         if self.replay is None:
             return (x, t, y) if x.shape[0] else None
         # The holdout's rows are made up from the buffer: a step's shape does not depend on the gate.
         n = round(self.cfg.replay.ratio * self.cfg.train.batch_size) + self.held_out
-        replayed = self.replay.sample(n, int(x.shape[0]))
+        replayed = self.replay.sample(n, int(x.shape[0]), recent)
         if replayed is None:
             return (x, t, y) if x.shape[0] else None
         rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
