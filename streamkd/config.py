@@ -195,9 +195,9 @@ class DriftConfig:
     # Updates per labelled batch while the boost lasts (at least train.steps_per_batch's): the fresh rows of
     # the new regime are trained again with new replayed samples, so fewer records are needed to learn it.
     boost_updates: int = 8
-    # While the boost lasts, the replayed part of those extra updates comes this much from the replay buffer's
-    # latest samples (the new regime); each batch's first update keeps the usual mix (replay.recency_share), so
-    # the older content is still replayed once per batch.
+    # While a boost after an input shift lasts, the replayed part of those extra updates comes this much from
+    # the replay buffer's latest samples (the new regime); each batch's first update keeps the usual mix
+    # (replay.recency_share), so the older content is still replayed once per batch.
     boost_recent_share: float = 1.0
     # Replay keeps its older content for this many samples after a drift (0: off). Freezing the reservoir
     # keeps the previous content out of it too: on a class-incremental stream it cost more than it saved.

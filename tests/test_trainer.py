@@ -236,6 +236,25 @@ def test_the_extra_updates_of_a_boost_replay_the_latest_samples(tmp_path):
     assert asked == [None]
 
 
+@pytest.mark.parametrize("kind", ["new_classes", "label_shift"])
+def test_a_boost_after_another_kind_of_drift_keeps_the_usual_replay_mix(tmp_path, kind):
+    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "drift.boost_on=all",
+                 "gate.enabled=false", "checkpoint.every_steps=1000", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
+    run(parts, 2 * BATCH)
+    tr = parts.trainer
+    asked, draw = [], tr.replay.sample
+    tr.replay.sample = lambda n, fresh=0, recent=None: asked.append(recent) or draw(n, fresh, recent)
+    tr.on_drift(drift(kind))
+    tr.step(parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1)))
+    assert asked == [None, None, None]  # boosted (three updates), but the new labels are not replayed more
+    assert tr.state_dict()["boost_kind"] == kind
+    tr.on_drift(drift("input_shift"))
+    restored = daemon.build(config(tmp_path / "r", "gate.enabled=false", plain=False), intake=MemoryIntake([]))
+    restored.trainer.load_state_dict(tr.state_dict())
+    assert restored.trainer.boost_kind == "input_shift" and restored.trainer._boosting("input_shift")
+
+
 def drift(kind: str) -> dict:
     return {"signal": "agreement", "samples_seen": 100, "mean_before": 0.9, "mean_after": 0.5, "kind": kind,
             "novel_share": 0.0}

@@ -27,8 +27,8 @@ Configuration keys (section ``drift``):
 - ``drift.lr_boost``: learning-rate multiplier right after a detection (:class:`LrBoost`). Default 3.0.
 - ``drift.boost_steps``: training steps over which the multiplier decays back to 1. Default 400.
 - ``drift.boost_updates``: updates per labelled batch while the boost lasts (the trainer's). Default 8.
-- ``drift.boost_recent_share``: the share of the replay draws of those extra updates taken from the replay
-  buffer's latest samples. Default 1.0.
+- ``drift.boost_recent_share``: after an input shift, the share of the replay draws of those extra updates
+  taken from the replay buffer's latest samples. Default 1.0.
 - ``drift.boost_on``: ``input_shift`` (default) or ``all``: the kinds the trainer boosts after.
 
 On a detection the loop is expected to raise the budget to its ceiling, start the boost after an input shift

@@ -11,8 +11,8 @@ One :meth:`Trainer.step` per labelled batch:
 5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
    budget goes to its ceiling and the replay buffer keeps its older content when ``drift.protect_samples``
    is set. After an input shift (any drift, with ``drift.boost_on: all``) the learning rate is also raised
-   for a while, each batch then gets ``drift.boost_updates`` updates (the extra ones replay mostly the
-   latest samples, ``drift.boost_recent_share``), and the served EMA follows the student closely for a
+   for a while, each batch then gets ``drift.boost_updates`` updates (after an input shift the extra ones
+   replay mostly the latest samples, ``drift.boost_recent_share``), and the served EMA follows the student closely for a
    while (``drift.ema_decay``, ``drift.ema_steps``).
 
 Every piece can be switched off (``replay.enabled``, ``ema.enabled``, ``gate.enabled``, ``drift.enabled``);
@@ -65,6 +65,7 @@ class Trainer:
         self.drift = DriftMonitor(d.detector) if d.enabled else None
         self.boost = LrBoost(d.lr_boost, d.boost_steps)
         self.drifts = 0
+        self.boost_kind: str | None = None  # the kind of drift that started the boost
         self.last_drift: dict | None = None
         self.rejections = 0
         self.last_rejection: dict | None = None
@@ -81,7 +82,7 @@ class Trainer:
 
         At a teacher budget below 1 the batch gets ``train.steps_per_batch`` updates (while a drift boost
         lasts, at least ``drift.boost_updates``): the first one scores and counts the fresh rows, the others
-        train them again with a new draw of replayed samples (while the boost lasts, a
+        train them again with a new draw of replayed samples (while a boost after an input shift lasts, a
         ``drift.boost_recent_share`` of it from the buffer's latest samples)."""
         self.metrics.teacher_called(int(lab.images.shape[0]), self.budget.value)
         x, t, y, random = lab.images, lab.teacher_logits, lab.labels, lab.random
@@ -103,7 +104,7 @@ class Trainer:
             self.replay.add(x, t, y)
             self.metrics.replay_buffer(len(self.replay), self.replay.nbytes)
         self._watch(lab, t, random, fresh)
-        recent = self.cfg.drift.boost_recent_share if self.boost.remaining > 0 else None
+        recent = self.cfg.drift.boost_recent_share if self._boosting("input_shift") else None
         for _ in range(self._updates() - 1):
             again = self.learner.step(*self._with_replay(x, t, y, recent), fresh=0)
             stats[S["skipped"]] = torch.maximum(stats[S["skipped"]], again[S["skipped"]])
@@ -111,6 +112,10 @@ class Trainer:
                 self.ema.update(self.learner.student)
         self.learner.lr_scale = self.boost.step()
         return stats
+
+    def _boosting(self, kind: str) -> bool:
+        """True while a boost started by a drift of ``kind`` lasts."""
+        return self.boost.remaining > 0 and self.boost_kind == kind
 
     def _updates(self) -> int:
         """Updates for this labelled batch: ``train.steps_per_batch``, at least ``drift.boost_updates`` while
@@ -157,8 +162,10 @@ class Trainer:
         with ``drift.boost_on: all``), boost the learning rate and the updates, and let the served EMA follow."""
         self.drifts += 1
         self.last_drift = {**event, "at": time.time(), "budget_after": self.budget.value}
-        if event.get("kind", "input_shift") == "input_shift" or self.cfg.drift.boost_on == "all":
+        kind = event.get("kind", "input_shift")
+        if kind == "input_shift" or self.cfg.drift.boost_on == "all":
             self.boost.trigger()
+            self.boost_kind = kind
             if self.ema is not None:
                 self.ema.follow(self.cfg.drift.ema_decay, self.cfg.drift.ema_steps)
         if self.replay is not None:
@@ -224,7 +231,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         out: dict = {"budget": self.budget.state_dict(), "boost": self.boost.state_dict(),
-                     "drifts": self.drifts, "rejections": self.rejections}
+                     "boost_kind": self.boost_kind, "drifts": self.drifts, "rejections": self.rejections}
         if self.drift is not None:
             out["drift"] = self.drift.state_dict()
         if self.replay is not None:
@@ -239,6 +246,8 @@ class Trainer:
         self.budget.load_state_dict(state.get("budget", {}))
         if state.get("boost"):
             self.boost.load_state_dict(state["boost"])
+        kind = state.get("boost_kind")
+        self.boost_kind = kind if isinstance(kind, str) else None
         self.drifts = int(state.get("drifts", 0))
         if self.drift is not None and state.get("drift"):
             self.drift.load_state_dict(state["drift"])
