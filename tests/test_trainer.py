@@ -218,14 +218,20 @@ def test_a_drift_trains_each_batch_boost_updates_times_while_the_boost_lasts(tmp
         assert sched.last_epoch - before == expected
 
 
-def test_the_extra_updates_of_a_boost_replay_the_latest_samples(tmp_path):
-    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "drift.boost_recent_share=0.75",
-                 "gate.enabled=false", plain=False)
+def spied(tmp_path, *extra):
+    """A trained loop whose replay draws record the ``recent`` share each one asked for."""
+    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false", *extra,
+                 plain=False)
     parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
     run(parts, 2 * BATCH)
+    asked, draw = [], parts.trainer.replay.sample
+    parts.trainer.replay.sample = lambda n, fresh=0, recent=None: asked.append(recent) or draw(n, fresh, recent)
+    return parts, asked
+
+
+def test_the_extra_updates_of_a_boost_replay_the_latest_samples(tmp_path):
+    parts, asked = spied(tmp_path, "drift.boost_recent_share=0.75")
     tr = parts.trainer
-    asked, draw = [], tr.replay.sample
-    tr.replay.sample = lambda n, fresh=0, recent=None: asked.append(recent) or draw(n, fresh, recent)
     lab = parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1))
     tr.on_drift(drift("input_shift"))
     tr.step(lab)
@@ -238,13 +244,8 @@ def test_the_extra_updates_of_a_boost_replay_the_latest_samples(tmp_path):
 
 @pytest.mark.parametrize("kind", ["new_classes", "label_shift"])
 def test_a_boost_after_another_kind_of_drift_keeps_the_usual_replay_mix(tmp_path, kind):
-    cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "drift.boost_on=all",
-                 "gate.enabled=false", "checkpoint.every_steps=1000", plain=False)
-    parts = daemon.build(cfg, intake=MemoryIntake(batches(2)))
-    run(parts, 2 * BATCH)
+    parts, asked = spied(tmp_path, "drift.boost_on=all", "checkpoint.every_steps=1000")
     tr = parts.trainer
-    asked, draw = [], tr.replay.sample
-    tr.replay.sample = lambda n, fresh=0, recent=None: asked.append(recent) or draw(n, fresh, recent)
     tr.on_drift(drift(kind))
     tr.step(parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1)))
     assert asked == [None, None, None]  # boosted (three updates), but the new labels are not replayed more
