@@ -45,10 +45,11 @@ Scenarios (``--scenario``):
   records. ``regressed_published``: published snapshots whose clean-test accuracy is more than 1 point below
   the previous published one's (``regressed_at``: their stream positions); run with the gate and without it.
   ``gate_throughput_cost``: the share of the gated run's loop time spent in the gate's own work (holdout
-  offers, candidate scoring), timed inside the run; ``gate_wall_cost``: 1 - gated / ungated images/s of
-  the two runs (noisier: separate runs differ by a few percent on a shared CPU). Every line also has
-  ``gate_time_share``: the same share as ``gate_throughput_cost`` for the line's own run at its own
-  snapshot cadence (the daemon's default outside shift and poisoned-teacher); null with the gate off.
+  offers, scoring the candidate and the published weights on the holdout), timed inside the run;
+  ``gate_wall_cost``: 1 - gated / ungated images/s of the two runs (noisier: separate runs differ by a few
+  percent on a shared CPU). Every line also has ``gate_time_share``: the same share as
+  ``gate_throughput_cost`` for the line's own run at its own snapshot cadence (the daemon's default outside
+  shift and poisoned-teacher); null with the gate off.
 
 "plain" is the same daemon with replay, EMA, gate, drift handling off and the full teacher budget.
 ``--set key=value`` overrides apply to every run (the plain one gets its own settings on top).
@@ -334,14 +335,16 @@ class Watch:
 
 
 class GateClock:
-    """Seconds the publishing gate's own work takes inside the loop: holdout offers and candidate scoring.
+    """Seconds the publishing gate's own work takes inside the loop: holdout offers and ``Trainer.judge``
+    (the candidate and the published weights scored on the holdout). Not the copy of the weights a
+    snapshot makes with the gate or without it.
 
     Two runs that differ only in the gate differ by a few percent from run to run on a shared CPU, more than
     the gate costs; timing the gate's calls inside one run measures its cost directly."""
 
     def __init__(self, trainer, watch: Watch):
         self.watch, self.seconds = watch, 0.0
-        trainer.candidate = self._timed(trainer.candidate)
+        trainer.judge = self._timed(trainer.judge)
         trainer.holdout.offer = self._timed(trainer.holdout.offer)
 
     def _timed(self, fn: Callable) -> Callable:

@@ -24,6 +24,7 @@ from .replay import ReplayBuffer, check_batch
 
 __all__ = ["Gate", "Holdout", "Predictions"]
 
+SCORE_BYTES = 64 << 20  # float32 model input per forward pass when the holdout is scored
 _EPS = 1e-9  # scores are ratios of counts: absorb float rounding at exactly the tolerance
 
 
@@ -79,7 +80,7 @@ class Holdout:
 
     @torch.inference_mode()
     def score(self, model: nn.Module, to_input: Callable[[torch.Tensor], torch.Tensor],
-              batch_size: int = 256, cache: Predictions | None = None) -> dict:
+              batch_size: int | None = None, cache: Predictions | None = None) -> dict:
         """Score ``model`` on the holdout: to_input maps uint8 N×C×H×W (on the model's device) to its input.
 
         Returns ``agreement`` (top-1 match with the teacher), ``accuracy`` (over samples with a label,
@@ -88,6 +89,8 @@ class Holdout:
 
         ``cache`` keeps this model's predictions per holdout slot between calls: only the samples
         written since the last call go through the model (the same weights must come with the same cache).
+        ``batch_size``: samples per forward pass; by default as many as fit in 64 MiB of float32 input
+        (the whole holdout of small images: one pass is cheaper than several).
         """
         slots, stamps = self._store.filled()
         n = int(slots.shape[0])
@@ -103,6 +106,8 @@ class Holdout:
             model.eval()
             try:
                 images = self._store.slot_images(todo)
+                if batch_size is None:
+                    batch_size = max(1, SCORE_BYTES // (4 * images[0].numel()))
                 pred = torch.cat([model(to_input(images[i:i + batch_size].to(device))).argmax(1).cpu()
                                   for i in range(0, int(todo.numel()), batch_size)])
             finally:

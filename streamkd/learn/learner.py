@@ -65,6 +65,13 @@ class InputSpec:
         return to_model_input(images, self.size, self.channels, self.mean, self.std)
 
 
+def model_input(spec: InputSpec, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 N×C×H×W -> a model's float input: ``spec``'s size and normalisation, NHWC when ``channels_last``
+    (a channels_last model fed NCHW input converts it in every layer)."""
+    x = spec(images)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 class Teacher:
     """A frozen model that turns a uint8 batch into float32 logits (N×K)."""
 
@@ -81,11 +88,8 @@ class Teacher:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.spec(images)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(self.device, self.amp):
-            return self.model(x).float()
+            return self.model(model_input(self.spec, images, self.channels_last)).float()
 
 
 class Learner:
@@ -123,9 +127,7 @@ class Learner:
         layout ``STATS``). No host sync.
         """
         fresh = images.shape[0] if fresh is None else fresh
-        x = self.spec(images)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.model_input(images)
         # Samples whose teacher logits are not finite are dropped from this update (counted, not trained).
         finite = torch.isfinite(teacher_logits).all(dim=1)
         with _autocast(self.device, self.amp):
@@ -167,12 +169,14 @@ class Learner:
             has_label.sum().float(), correct.float(), bad,
         ])
 
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N×C×H×W (on the student's device) -> the student's float input, in its memory format."""
+        return model_input(self.spec, images, self.channels_last)
+
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The student's logits (float32 N×K) for uint8 images, without learning: eval mode, no gradients."""
-        x = self.spec(images)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.model_input(images)
         self.student.eval()
         try:
             with _autocast(self.device, self.amp):
@@ -188,11 +192,8 @@ class Learner:
         rng = torch.random.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         try:
-            x = self.spec(images)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(self.device, self.amp):
-                logits = self.forward(x)
+                logits = self.forward(self.model_input(images))
             logits.float().sum().backward()
         finally:
             self.optimizer.zero_grad(set_to_none=True)

@@ -188,9 +188,7 @@ class Trainer:
             return Candidate(weights, which, True, "no holdout yet" if self.holdout else "gate off", None, None)
         model = self.ema.module if self.ema is not None else unwrap(self.learner.student)
         preds = Predictions()
-        score = self.holdout.score(model, self.learner.spec, cache=preds)
-        published = self._score_published()
-        accepted, reason = self.gate.decide(score, published)
+        score, published, accepted, reason = self.judge(model, preds)
         if force and not accepted:
             accepted, reason = True, f"forced by an operator ({reason})"
         if not accepted:
@@ -200,6 +198,13 @@ class Trainer:
             log.warning("snapshot gate: candidate rejected (%s); candidate %s, published %s", reason,
                         _brief(score), _brief(published))
         return Candidate(weights, which, accepted, reason, score, published, preds)
+
+    def judge(self, model: torch.nn.Module, preds: Predictions) -> tuple[dict, dict | None, bool, str]:
+        """The gate's work on a candidate: ``model`` and the published weights scored on the holdout (the
+        candidate's predictions kept in ``preds``), and the verdict: (score, published score, accept, reason)."""
+        score = self.holdout.score(model, self.learner.model_input, cache=preds)
+        published = self._score_published()
+        return score, published, *self.gate.decide(score, published)
 
     def published(self, weights: dict[str, torch.Tensor], predictions: Predictions | None = None) -> None:
         """``weights`` are now what LATEST serves (the gate compares the next candidates with them).
@@ -216,7 +221,7 @@ class Trainer:
         if self._scratch_holds is not self._published:  # loaded once per published snapshot
             self._scratch.load_state_dict(self._published)
             self._scratch_holds = self._published
-        return self.holdout.score(self._scratch, self.learner.spec, cache=self._published_preds)
+        return self.holdout.score(self._scratch, self.learner.model_input, cache=self._published_preds)
 
     def manifest(self) -> dict:
         """What a snapshot's manifest records about learning: budget, replay, gate and drift."""
