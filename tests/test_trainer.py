@@ -261,6 +261,24 @@ def drift(kind: str) -> dict:
             "novel_share": 0.0}
 
 
+@pytest.mark.parametrize("kind", ["input_shift", "new_classes", "label_shift"])
+def test_an_input_shift_restarts_the_holdout(tmp_path, kind):
+    """After an input shift the held-out samples show inputs the stream no longer has: candidates fitted to the
+    new ones would be judged on the old. The other kinds keep the holdout (a wrong teacher is what it guards)."""
+    parts, _ = gated(tmp_path)
+    tr = parts.trainer
+    held = len(tr.holdout)
+    assert held > 0
+    tr.on_drift(drift(kind))
+    if kind != "input_shift":
+        assert len(tr.holdout) == held
+        return
+    assert len(tr.holdout) == 0
+    assert tr.candidate().reason == "no holdout yet"
+    tr.step(parts.labeller(batches(1)[0].images, torch.full((BATCH,), -1)))
+    assert 0 < len(tr.holdout) < held  # refilling from the stream as it is now
+
+
 @pytest.mark.parametrize("kind", ["new_classes", "label_shift"])
 def test_a_drift_that_is_no_input_shift_gets_no_boost(tmp_path, kind):
     cfg = config(tmp_path, "drift.boost_updates=3", "drift.boost_steps=2", "gate.enabled=false", plain=False)
