@@ -101,24 +101,6 @@ def test_a_prediction_cache_runs_the_model_only_on_samples_written_since():
     assert cached == h.score(model, lambda x: x.float())  # the same answer as scoring from scratch
 
 
-def test_a_restarted_holdout_scores_only_what_arrives_after():
-    h = Holdout(50, 1.0, seed=0)
-    h.offer(*stream(0, 30))
-    model, cache = PixelClassifier(), Predictions()
-    h.score(model, lambda x: x.float(), cache=cache)
-    h.restart()
-    assert len(h) == 0 and h.score(model, lambda x: x.float(), cache=cache)["agreement"] is None
-    h.offer(*stream(100, 10))
-    seen = []
-    model.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
-    got = h.score(model, lambda x: x.float(), cache=cache)
-    assert got["n"] == 10 and sum(seen) == 10  # the slots hold new samples: no prediction of the old ones reused
-    assert got == h.score(model, lambda x: x.float())
-    again = Holdout(50, 1.0, seed=0)
-    again.load_state_dict(h.state_dict())
-    assert again.score(model, lambda x: x.float()) == got
-
-
 def test_score_without_labels_has_no_accuracy():
     h = Holdout(100, 1.0, seed=0)
     images, logits, ids = stream(0, 8)

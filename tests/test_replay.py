@@ -197,23 +197,6 @@ def test_protect_freezes_the_reservoir_while_recent_samples_still_arrive():
     assert max(reservoir_ids(buf)) >= 500  # replacement resumed
 
 
-@pytest.mark.parametrize("balance", [False, True])
-def test_clear_forgets_every_sample_and_the_buffer_refills_from_the_next(balance):
-    buf = ReplayBuffer(40, 10**9, 0.25, 0, balance)
-    feed(buf, 200, 20)
-    before = buf.revision
-    buf.protect(1000)
-    buf.clear()
-    assert len(buf) == 0 and buf.seen == 0 and buf.nbytes == 0 and buf.sample(8) is None
-    assert buf.revision > before and not buf.protected
-    empty = ReplayBuffer(40, 10**9, 0.25, 0, balance)
-    empty.load_state_dict(buf.state_dict())
-    assert len(empty) == 0
-    feed(buf, 200, 20, start=1000)
-    assert len(buf) == 40 and min(reservoir_ids(buf)) >= 1000 and recent_ids(buf) == set(range(1190, 1200))
-    assert max(reservoir_ids(buf)) >= 1040  # replacement, as in a new buffer past its capacity
-
-
 def test_protect_before_the_reservoir_is_full_leaves_it_part_filled():
     buf = ReplayBuffer(40, 10**9, 0.0, 0)
     feed(buf, 10, 10)

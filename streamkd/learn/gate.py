@@ -78,11 +78,6 @@ class Holdout:
         self.diverted += int(idx.numel())
         return ~divert
 
-    def restart(self) -> None:
-        """Drop the held-out samples (the stream no longer looks like them); the reservoir refills from the
-        next diverted ones. Candidates are then scored on what the stream is now."""
-        self._store.clear()
-
     @torch.inference_mode()
     def score(self, model: nn.Module, to_input: Callable[[torch.Tensor], torch.Tensor],
               batch_size: int | None = None, cache: Predictions | None = None) -> dict:

@@ -298,16 +298,6 @@ class ReplayBuffer:
             raise ValueError(f"samples must be an integer >= 0, got {samples!r}")
         self._protect_until = max(self._protect_until, self.seen + samples)
 
-    def clear(self) -> None:
-        """Forget every stored sample: the buffer refills from the next ones as a new one would (same capacity
-        and random stream; stamps keep rising, so results kept per slot and stamp go stale)."""
-        self._images = self._logits = self._labels = self._stamps = None
-        self._res_cap = self._ring_cap = self._res_len = self._ring_len = self._ring_head = 0
-        self.seen = self._protect_until = 0
-        self._class_seen, self._full, self._recent = [], [], None
-        self._slot_cls, self._slots, self._where, self._index = [], [], [], None
-        self.revision += 1
-
     # -- reading -----------------------------------------------------------------------------
     def sample(self, n: int, fresh: int = 0,
                recent: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -428,7 +418,8 @@ class ReplayBuffer:
         rng = state.get("rng")
         if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
             raise ValueError("replay state: rng is not a uint8 tensor")
-        self.clear()
+        self._images = self._logits = self._labels = None
+        self._res_cap = self._ring_cap = self._res_len = self._ring_len = self._ring_head = 0
         self._gen.set_state(rng)
         self.seen, self.revision, self._protect_until = ints["seen"], ints["revision"], ints["protect_until"]
         if "reservoir_images" not in state:

@@ -13,7 +13,7 @@ One :meth:`Trainer.step` per labelled batch:
    is set. After an input shift (any drift, with ``drift.boost_on: all``) the learning rate is also raised
    for a while, each batch then gets ``drift.boost_updates`` updates (after an input shift the extra ones
    replay mostly the latest samples, ``drift.boost_recent_share``), and the served EMA follows the student closely for a
-   while (``drift.ema_decay``, ``drift.ema_steps``). An input shift also restarts the holdout.
+   while (``drift.ema_decay``, ``drift.ema_steps``).
 
 Every piece can be switched off (``replay.enabled``, ``ema.enabled``, ``gate.enabled``, ``drift.enabled``);
 with all off this is the plain online KD step.
@@ -168,8 +168,6 @@ class Trainer:
             self.boost_kind = kind
             if self.ema is not None:
                 self.ema.follow(self.cfg.drift.ema_decay, self.cfg.drift.ema_steps)
-        if kind == "input_shift" and self.holdout is not None:
-            self.holdout.restart()  # the old inputs would judge candidates that fit the new ones
         if self.replay is not None:
             self.replay.protect(self.cfg.drift.protect_samples)
         self.metrics.drift_detected.inc()
@@ -187,7 +185,7 @@ class Trainer:
         weights = self.ema.weights() if self.ema is not None else self.learner.weights()
         force, self.force_next = self.force_next, False
         if self.holdout is None or not len(self.holdout):
-            reason = "no holdout yet" if self.holdout is not None else "gate off"
+            reason = "no holdout yet" if self.holdout is not None else "gate off"  # an empty Holdout is falsy
             return Candidate(weights, which, True, reason, None, None)
         model = self.ema.module if self.ema is not None else unwrap(self.learner.student)
         preds = Predictions()
