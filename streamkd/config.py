@@ -157,7 +157,7 @@ class ReplayConfig:
     """Replay of teacher-labelled samples: each step trains on the fresh batch plus samples from a buffer."""
 
     enabled: bool = True
-    capacity: int = 5000  # samples (uint8 image + fp16 teacher logits + label each)
+    capacity: int = 8000  # samples (uint8 image + fp16 teacher logits + label each)
     max_bytes: int = 64 << 20  # the buffer never holds more than this, whatever the capacity
     ratio: float = 1.0  # replayed samples per fresh sample in a step
     recency_share: float = 0.25  # of the replayed samples, drawn from the most recent ones
