@@ -101,6 +101,20 @@ def test_a_prediction_cache_runs_the_model_only_on_samples_written_since():
     assert cached == h.score(model, lambda x: x.float())  # the same answer as scoring from scratch
 
 
+def test_score_passes_as_many_samples_at_once_as_fit_in_its_input_budget(monkeypatch):
+    from streamkd.learn import gate
+
+    h = Holdout(50, 1.0, seed=0)
+    h.offer(*stream(0, 10))  # 1×2×2 images: 16 bytes of float32 input each
+    model, seen = PixelClassifier(), []
+    model.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
+    whole = h.score(model, lambda x: x.float())
+    assert seen == [10]  # the default budget holds the whole holdout
+    monkeypatch.setattr(gate, "SCORE_BYTES", 3 * 16)
+    seen.clear()
+    assert h.score(model, lambda x: x.float()) == whole and seen == [3, 3, 3, 1]
+
+
 def test_score_without_labels_has_no_accuracy():
     h = Holdout(100, 1.0, seed=0)
     images, logits, ids = stream(0, 8)
