@@ -89,8 +89,8 @@ class Holdout:
 
         ``cache`` keeps this model's predictions per holdout slot between calls: only the samples
         written since the last call go through the model (the same weights must come with the same cache).
-        ``batch_size``: samples per forward pass; by default as many as fit in 64 MiB of float32 input
-        (the whole holdout of small images: one pass is cheaper than several).
+        ``batch_size``: samples per forward pass; by default as many as fit in ``SCORE_BYTES`` of float32
+        input (the whole holdout of small images: one pass is cheaper than several).
         """
         slots, stamps = self._store.filled()
         n = int(slots.shape[0])
