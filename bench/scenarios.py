@@ -9,8 +9,11 @@ Scenarios (``--scenario``):
 
 * ``stationary``: the 60k training images, one pass, shuffled with the seed. The plain loop runs in the
   same invocation; with ``--budget`` the same configuration at budget 1.0 runs as well. ``--budget``
-  takes a comma-separated list (``--budget=0.5,0.25,adaptive``): one plain and one full-budget run, then
-  one run and one JSON line per budget.
+  takes a comma-separated list (``--budget=0.5,0.25,adaptive``): the plain and the full-budget runs, then
+  one run and one JSON line per budget. The plain and the full-budget configuration run twice each, in the
+  order plain, configured, configured, plain; ``plain_img_s`` and the full budget's ``img_s`` are the means
+  of their two runs (``plain_img_s_runs``, ``img_s_runs``), so a drift of the machine's speed that is
+  linear over the four runs cancels from ``throughput_ratio``. Accuracies are the first runs'.
 * ``class-incremental``: 5 phases of 2 classes (0-1, 2-3, ...), each phase shuffled. A snapshot is taken at
   every phase end. ``mean_forgetting``: over phases 1..4, the best accuracy on that phase's classes at its
   own or any later phase end (before the last), minus the accuracy on them at the end. The same images in
@@ -65,15 +68,16 @@ Usage: python bench/scenarios.py --scenario=NAME [--budget=F|adaptive[,...]] [--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +108,7 @@ def log(msg: str) -> None:
 # ---- streams -------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclasses.dataclass
 class Stream:
     """Images in stream order and where each phase ends (record counts, the last one is the length)."""
 
@@ -243,7 +247,7 @@ class PoisonedTeacher:
         return torch.where(hit[:, None], logits.gather(1, perm), logits)
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """What one daemon run left behind."""
 
@@ -504,20 +508,32 @@ def _r(x: float | None, digits: int = 4) -> float | None:
 def stationary(bench: Bench) -> dict:
     stream = stationary_stream(bench.train_x, bench.sizes["stationary"], bench.rng)
     produce_stream(bench.bootstrap, "stationary", stream)
-    plain = bench.run("plain", "stationary", stream, bench.overrides(*PLAIN))
     budgets = bench.args.budget or [None]
-    full = None
-    if budgets != [None]:
-        full = bench.run("full", "stationary", stream, bench.overrides("teacher.budget=1.0"))
+    full_extra = () if budgets == [None] else ("teacher.budget=1.0",)
+    full_name = "configured" if budgets == [None] else "full"
+    # A shared machine's speed drifts over minutes: the plain loop and the configured one at the full budget
+    # run twice each, in the order plain, configured, configured, plain, and each reports the mean of its
+    # two runs' images/s, so a drift that is linear over the four runs cancels from their ratio.
+    plain = bench.run("plain", "stationary", stream, bench.overrides(*PLAIN))
+    full = bench.run(full_name, "stationary", stream, bench.overrides(*full_extra))
+    full_again = bench.run(f"{full_name}-again", "stationary", stream, bench.overrides(*full_extra))
+    plain_again = bench.run("plain-again", "stationary", stream, bench.overrides(*PLAIN))
+    plain_img_s = [plain.img_s, plain_again.img_s]
+    full_img_s = [full.img_s, full_again.img_s]
+    plain = dataclasses.replace(plain, img_s=statistics.fmean(plain_img_s))
+    full = dataclasses.replace(full, img_s=statistics.fmean(full_img_s))
     outs = []
     for budget in budgets:
         extra = () if budget is None else (f"teacher.budget={budget}",)
-        name = f"budget-{budget}" if budget else "configured"
-        configured = full if budget == "1.0" else bench.run(name, "stationary", stream, bench.overrides(*extra))
+        at_full = budget in (None, "1.0")
+        configured = full if at_full else bench.run(f"budget-{budget}", "stationary", stream, bench.overrides(*extra))
         out = common(bench, configured)
         out.update(budget=budget, plain_student_acc=_r(bench.served_acc(plain, latest(plain))),
-                   plain_img_s=round(plain.img_s, 1), throughput_ratio=round(configured.img_s / plain.img_s, 3))
-        if full is not None:
+                   plain_img_s=round(plain.img_s, 1), throughput_ratio=round(configured.img_s / plain.img_s, 3),
+                   plain_img_s_runs=[round(v, 1) for v in plain_img_s])
+        if at_full:
+            out["img_s_runs"] = [round(v, 1) for v in full_img_s]
+        if budgets != [None]:
             out.update(full_budget_acc=_r(bench.served_acc(full, latest(full))),
                        full_budget_img_s=round(full.img_s, 1), speedup_vs_full=round(configured.img_s / full.img_s, 3))
         outs.append(out)
