@@ -159,7 +159,7 @@ class ReplayConfig:
     enabled: bool = True
     capacity: int = 8000  # samples (uint8 image + fp16 teacher logits + label each)
     max_bytes: int = 64 << 20  # the buffer never holds more than this, whatever the capacity
-    ratio: float = 1.0  # replayed samples per fresh sample in a step
+    ratio: float = 2.0  # replayed samples per sample of a full batch, in a step
     recency_share: float = 0.25  # of the replayed samples, drawn from the most recent ones
     # Balance the reservoir (class-balancing reservoir sampling) and its draws over the teacher's top-1 classes.
     balance: bool = False

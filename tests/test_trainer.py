@@ -70,7 +70,8 @@ def test_rows_taken_by_the_holdout_are_made_up_from_the_replay_buffer(tmp_path):
     run(parts, 12 * BATCH)
     assert parts.trainer.holdout is not None and len(parts.trainer.holdout) > 12  # about a quarter held out
     assert rows[0] < BATCH  # the first step has no buffer to draw from
-    assert rows[1:] == [2 * BATCH] * 11  # replay.ratio 1: a full batch of replay beside each full batch
+    replayed = round(parts.cfg.replay.ratio * BATCH)  # replay.ratio replayed rows per row of a full batch
+    assert rows[1:] == [BATCH + replayed] * 11
 
 
 def test_a_candidate_before_any_held_out_sample_is_accepted_as_such(tmp_path):
