@@ -509,11 +509,10 @@ def stationary(bench: Bench) -> dict:
     stream = stationary_stream(bench.train_x, bench.sizes["stationary"], bench.rng)
     produce_stream(bench.bootstrap, "stationary", stream)
     budgets = bench.args.budget or [None]
-    full_extra = () if budgets == [None] else ("teacher.budget=1.0",)
-    full_name = "configured" if budgets == [None] else "full"
-    # A shared machine's speed drifts over minutes: the plain loop and the configured one at the full budget
-    # run twice each, in the order plain, configured, configured, plain, and each reports the mean of its
-    # two runs' images/s, so a drift that is linear over the four runs cancels from their ratio.
+    with_budgets = budgets != [None]
+    full_extra = ("teacher.budget=1.0",) if with_budgets else ()
+    full_name = "full" if with_budgets else "configured"
+    # plain, configured, configured, plain: a linear drift of the machine's speed cancels (module docstring)
     plain = bench.run("plain", "stationary", stream, bench.overrides(*PLAIN))
     full = bench.run(full_name, "stationary", stream, bench.overrides(*full_extra))
     full_again = bench.run(f"{full_name}-again", "stationary", stream, bench.overrides(*full_extra))
@@ -533,7 +532,7 @@ def stationary(bench: Bench) -> dict:
                    plain_img_s_runs=[round(v, 1) for v in plain_img_s])
         if at_full:
             out["img_s_runs"] = [round(v, 1) for v in full_img_s]
-        if budgets != [None]:
+        if with_budgets:
             out.update(full_budget_acc=_r(bench.served_acc(full, latest(full))),
                        full_budget_img_s=round(full.img_s, 1), speedup_vs_full=round(configured.img_s / full.img_s, 3))
         outs.append(out)
