@@ -126,6 +126,22 @@ def test_batchnorm_running_stats_are_averaged_and_the_counter_copied():
     assert int(got.num_batches_tracked) == int(model[1].num_batches_tracked) == 5
 
 
+def test_tensors_replaced_after_an_update_are_the_ones_averaged():
+    model = bn_net().train()
+    ema = Ema(model, 0.5, warmup=False)
+    ema.update(model)
+    before = ema.module[4].weight.detach().clone()
+    model[1].running_mean = torch.full((4,), 2.0)  # a new buffer object, as module.to() makes
+    model[4].weight = nn.Parameter(torch.ones(3, 64))  # a new parameter object
+    ema.update(model)
+    assert torch.allclose(ema.module[1].running_mean, torch.full((4,), 1.0))  # 0.5 * 0 + 0.5 * 2
+    assert torch.allclose(ema.module[4].weight, 0.5 * before + 0.5, atol=1e-6)
+    other = bn_net()
+    other.add_module("extra", nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="structure"):
+        ema.update(other)
+
+
 def test_module_is_a_frozen_eval_copy():
     model = bn_net().train()
     ema = Ema(model, 0.9)

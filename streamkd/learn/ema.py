@@ -40,8 +40,33 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [*model.named_parameters(), *model.named_buffers()]
+def _members(model: nn.Module) -> list[tuple[str, dict, str]]:
+    """Where each parameter, then each buffer, lives: ``(name, owning module's dict, key)``, in the order of
+    ``named_parameters()`` then ``named_buffers()`` (a tensor shared by two modules once)."""
+    out, seen = [], set()
+    for attr in ("_parameters", "_buffers"):
+        for prefix, mod in model.named_modules():
+            for key, t in getattr(mod, attr).items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append((f"{prefix}.{key}" if prefix else key, getattr(mod, attr), key))
+    return out
+
+
+class _Plan:
+    """The EMA's tensors paired with a model's, found once per model: walking a module tree costs more than
+    the average itself on a small student. Each update reads the model's tensors from their owners' dicts,
+    so a buffer that was replaced (``module.to``) is still the one averaged."""
+
+    def __init__(self, ema: nn.Module, model: nn.Module) -> None:
+        mine, theirs = _members(ema), _members(model)
+        if [n for n, _, _ in mine] != [n for n, _, _ in theirs]:
+            raise ValueError("model does not have the structure the EMA was built from")
+        self.model = model
+        self._pairs = [(d1, k1, d2, k2) for (_, d1, k1), (_, d2, k2) in zip(mine, theirs, strict=True)]
+
+    def tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(d1[k1], d2[k2]) for d1, k1, d2, k2 in self._pairs]
 
 
 class Ema:
@@ -57,6 +82,7 @@ class Ema:
         self.decay, self.warmup = float(decay), warmup
         self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.updates = 0  # host-side counter: reading it costs no device sync
+        self._plan: _Plan | None = None  # the last model's tensors, paired with ours
         self.follow_decay, self.follow_steps, self.follow_remaining = self.decay, 0, 0
 
     def follow(self, decay: float, steps: int) -> None:
@@ -82,15 +108,16 @@ class Ema:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights and buffers in. Pass the training model (compiled or not)."""
-        pairs = list(zip(_tensors(self.module), _tensors(unwrap(model)), strict=True))
-        if any(a != b for (a, _), (b, _) in pairs):
-            raise ValueError("model does not have the structure the EMA was built from")
+        model = unwrap(model)
+        if self._plan is None or self._plan.model is not model:
+            self._plan = _Plan(self.module, model)
+        pairs = self._plan.tensors()
         if self.updates == 0:
-            for (_, e), (_, m) in pairs:
+            for e, m in pairs:
                 e.copy_(m)
         else:
             groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = defaultdict(lambda: ([], []))
-            for (_, e), (_, m) in pairs:
+            for e, m in pairs:
                 if e.is_floating_point():
                     ema_list, model_list = groups[(e.device, e.dtype)]
                     ema_list.append(e)
