@@ -34,7 +34,8 @@ def install_stop_handlers(stop: threading.Event, grace_s: float) -> Callable[[],
         stop.set()
 
         def watchdog():
-            log.error("shutdown exceeded the %.0f s grace period; exiting without a final checkpoint", grace_s)
+            log.error("shutdown exceeded the %.0f s grace period; exiting now (the newest durable checkpoint is "
+                      "where the next start resumes)", grace_s)
             logging.shutdown()
             os._exit(1)
 

@@ -149,7 +149,8 @@ class DaemonProc:
         self.log.close()
 
     def tail(self, n: int = 40) -> str:
-        self.log.flush()
+        if not self.log.closed:  # stop() closes it; the file on disk still has everything
+            self.log.flush()
         return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
 
 

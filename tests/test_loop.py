@@ -7,6 +7,7 @@ non-finite updates, the prequential windows, and shutdown.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 import pytest
@@ -99,6 +100,36 @@ def config(tmp_path, *extra: str, plain: bool = True):
 
 def run(parts, n_records: int):
     return daemon.run(parts, threading.Event(), stop_when=lambda p: p.records_done >= n_records)
+
+
+def test_the_final_checkpoint_does_not_wait_for_a_snapshot_in_flight(tmp_path):
+    cfg = config(tmp_path, "checkpoint.every_steps=1000", "snapshot.every_steps=3")
+    intake = MemoryIntake(batches(5), CheckpointStore(tmp_path / "ck"))
+    parts = daemon.build(cfg, intake=intake)
+    release, exporting = threading.Event(), threading.Event()
+
+    def slow_exports(student):  # the serving exports of each snapshot: held until released
+        def write(folder):
+            exporting.set()
+            assert release.wait(60)
+        return write
+
+    parts.persistence.extras = slow_exports
+    loop = threading.Thread(target=run, args=(parts, 5 * BATCH), daemon=True)
+    loop.start()
+    assert exporting.wait(60)  # the step-3 snapshot is exporting; the loop trains on and stops after step 5
+    for _ in range(200):  # its final checkpoint and commit land while that export still runs
+        if intake.commits:
+            break
+        time.sleep(0.1)
+    assert [c for c, _ in intake.commits] == [{0: 5 * BATCH}] and loop.is_alive()
+    assert CheckpointStore(tmp_path / "ck").load_latest().step == 5
+    assert SnapshotStore(tmp_path / "sn").versions() == []
+    release.set()
+    loop.join(60)
+    assert not loop.is_alive()
+    store = SnapshotStore(tmp_path / "sn")
+    assert [store.manifest(v)["step"] for v in store.versions()] == [3, 5]
 
 
 def test_checkpoint_and_snapshot_cadence_and_commits_after_durable_checkpoints(tmp_path):

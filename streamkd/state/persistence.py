@@ -5,7 +5,10 @@ the model together with the offsets it covers; the dead letters for the records
 it skips are acknowledged first (a restart resumes *after* them, so they must
 not be lost), then the checkpoint is made durable, and only then are its offsets
 committed to Kafka.
-Writes run on one background thread, so the loop never waits for the disk; a
+Checkpoints and snapshots are written on two background threads, one each, so
+the loop never waits for the disk and a checkpoint never queues behind a slow
+snapshot (its serving exports can take many seconds): on SIGTERM the final
+checkpoint is durable first. Each kind is written in the order asked for; a
 failed write is logged and counted, and the previous checkpoint or snapshot
 stays the newest.
 """
@@ -48,7 +51,7 @@ class Persistence:
         self.force_requested = False  # an operator asked for a snapshot now, past the gate
         self.commit: Callable[[dict[int, int]], None] = lambda offsets: None  # set to the intake's commit
         self.flush_dead_letters: Callable[[], None] = lambda: None  # set to the intake's
-        self._writer: ThreadPoolExecutor | None = None  # started on the first write, stopped by close()
+        self._writers: dict[str, ThreadPoolExecutor] = {}  # per kind; started on its first write, stopped by close()
         self._ckpt: Future | None = None
         self._snap: Future | None = None
         self._initial: tuple[dict, dict] | None = None  # rollback target before the first checkpoint
@@ -124,7 +127,7 @@ class Persistence:
                         offsets={self.cfg.kafka.topic: dict(prog.offsets)}, student=weights, optimizer=opt,
                         extra=dict(self.lineage),
                         learning=self.trainer.state_dict() if self.trainer is not None else {})
-        self._ckpt = self.metrics.watch_write(self._submit(self._write_checkpoint, st), "checkpoint")
+        self._ckpt = self.metrics.watch_write(self._submit("checkpoint", self._write_checkpoint, st), "checkpoint")
         self._ckpt_covers = (prog.step, dict(prog.offsets))
         if sync:
             self._wait("_ckpt", "checkpoint")
@@ -151,8 +154,7 @@ class Persistence:
             manifest.update(self.trainer.manifest(), weights=cand.which, holdout=cand.score,
                             gate_decision={"reason": cand.reason, "published": cand.published_score})
             self.trainer.published(weights, cand.predictions)
-        self._snap = self.metrics.watch_write(self._submit(self._publish, weights, manifest),
-                                              "snapshot")
+        self._snap = self.metrics.watch_write(self._submit("snapshot", self._publish, weights, manifest), "snapshot")
         if sync:
             self._wait("_snap", "snapshot")
 
@@ -167,11 +169,11 @@ class Persistence:
         log.info("published snapshot %d (step %d, %d samples)", m["version"], manifest["step"],
                  manifest["samples_seen"])
 
-    def _submit(self, fn: Callable, *args: Any) -> Future:
-        """Run ``fn`` on the one background writer thread (writes happen in the order they are asked for)."""
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
-        return self._writer.submit(fn, *args)
+    def _submit(self, kind: str, fn: Callable, *args: Any) -> Future:
+        """Run ``fn`` on the writer thread of ``kind`` (its writes happen in the order they are asked for)."""
+        if kind not in self._writers:
+            self._writers[kind] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{kind}-writer")
+        return self._writers[kind].submit(fn, *args)
 
     def _latest_weights(self, version: int) -> dict[str, torch.Tensor] | None:
         path = self.snapshots.file_path(version, MODEL_FILE)
@@ -215,7 +217,9 @@ class Persistence:
 
     # -- stop ----------------------------------------------------------------------------------
     def close(self, prog: Progress) -> None:
-        """Keep what was trained: a final checkpoint (and commit), a final snapshot, then stop the writer.
+        """Keep what was trained: a final checkpoint (and commit), a final snapshot, then stop the writers.
+
+        The checkpoint does not wait for a snapshot in flight: it is durable first.
 
         Stopped inside a big record, the previous checkpoint stays the resume point (that record is trained
         again, from its first image, into that lineage), and no snapshot of the later weights is published.
@@ -229,9 +233,9 @@ class Persistence:
                 self.snapshot(prog, sync=True)
             self._wait("_snap", "snapshot")
         finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
+            for writer in self._writers.values():
+                writer.shutdown(wait=True)
+            self._writers.clear()
             self.snapshots.close()  # waits (bounded) for an upload to object storage in flight
 
 
