@@ -24,6 +24,38 @@ def test_builtins_build_and_forward(spec, channels, size):
     assert num_classes_of(m, size, channels) == 10
 
 
+def test_lenet5_at_28_px_is_the_classic_function_without_the_identity_pool():
+    """Built for 28 px the pool is left out and each max-pool precedes its ReLU: the same outputs and gradients
+    as the classic ReLU -> pool layout with the adaptive pool, and the same state dict."""
+    fast = build_model("streamkd:lenet5", 10, in_channels=1, input_size=(28, 28))
+    assert isinstance(fast.pool, nn.Identity)
+    assert isinstance(build_model("streamkd:lenet5", 10, in_channels=1, input_size=(32, 32)).pool,
+                      nn.AdaptiveAvgPool2d)
+
+    class Classic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d((5, 5)))
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                                            nn.Linear(84, 10))
+
+        def forward(self, x):
+            return self.classifier(self.features(x))
+
+    classic = Classic()
+    assert sorted(classic.state_dict()) == sorted(fast.state_dict())
+    classic.load_state_dict(fast.state_dict())
+    x = torch.randn(16, 1, 28, 28)
+    out_fast, out_classic = fast(x), classic(x)
+    torch.testing.assert_close(out_fast, out_classic, rtol=0, atol=0)
+    grads_fast = torch.autograd.grad(out_fast.square().sum(), list(fast.parameters()))
+    grads_classic = torch.autograd.grad(out_classic.square().sum(), list(classic.parameters()))
+    for a, b in zip(grads_fast, grads_classic, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_fmnist_cnn_size_and_default_classes():
     m = build_model("streamkd:fmnist_cnn", None, in_channels=1, input_size=(28, 28))
     params = sum(p.numel() for p in m.parameters())

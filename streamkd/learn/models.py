@@ -29,17 +29,22 @@ VALID_SPECS = "streamkd:lenet5, streamkd:fmnist_cnn, torchvision:<name>, <file>.
 class LeNet5(nn.Module):
     """LeNet-5 with ReLU and max-pool; float N×C×H×W (H, W >= 28) -> logits N×num_classes.
 
-    conv1 has padding=2 so a 28 px input sees the classic 32 px geometry; the
-    adaptive pool pins the flatten size at 16·5·5 for any larger input.
+    conv1 has padding=2 so a 28 px input sees the classic 32 px geometry; an
+    adaptive pool pins the flatten size at 16·5·5 for any larger input. Built
+    for ``input_size`` 28×28, where the features already are 5×5, it leaves
+    that pool out. Each max-pool comes before its ReLU: the same function as
+    ReLU then pool, with the ReLU on a quarter of the values.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1,
+                 input_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d((5, 5)),
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+            nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),
         )
+        five = input_size is not None and all((s // 2 - 4) // 2 == 5 for s in input_size)
+        self.pool = nn.Identity() if five else nn.AdaptiveAvgPool2d((5, 5))
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True),
@@ -48,7 +53,7 @@ class LeNet5(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classifier(self.pool(self.features(x)))
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -60,10 +65,12 @@ class FmnistCNN(nn.Module):
     """The shipped teacher: VGG-style, 3×3 conv+BN+ReLU [64,64,M,128,128,M,256,256,M], GAP, dropout, FC.
 
     float N×C×H×W (any H, W >= 8) -> logits N×num_classes; ~1.15 M parameters.
-    The global average pool makes it size-agnostic (28 px and 32 px alike).
+    The global average pool makes it size-agnostic (28 px and 32 px alike), so
+    ``input_size`` changes nothing.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.3) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.3,
+                 input_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.features = nn.Sequential(
             *_conv_bn(in_channels, 64), *_conv_bn(64, 64), nn.MaxPool2d(2),
@@ -132,7 +139,7 @@ def build_model(
         return _build_file_model(spec, num_classes, in_channels, input_size, weights)
     scheme, _, name = spec.partition(":")
     if scheme == "streamkd" and name in BUILTINS:
-        model = BUILTINS[name](num_classes=num_classes or 10, in_channels=in_channels)
+        model = BUILTINS[name](num_classes=num_classes or 10, in_channels=in_channels, input_size=input_size)
         if weights is not None:
             _load_weights_file(model, weights, spec)
         return model
