@@ -191,46 +191,43 @@ class ReplayBuffer:
             raise ValueError(f"samples must keep the shape of the first ones: images {tuple(self._images.shape[1:])}"
                              f" and {self._logits.shape[1]} logits, got {shape} and {k}")
         logits = logits.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-        changed = False
+        # Which slot gets which row is worked out on Python ints (a batch is small): the stores are then one
+        # indexed write, instead of a dozen tensor ops on a few dozen indices.
+        writes: dict[int, int] = {}  # slot -> batch row
 
         if self._ring_cap:  # the latest samples, oldest overwritten first
             m = min(n, self._ring_cap)
-            pos = (self._ring_head + torch.arange(m)) % self._ring_cap
-            self._write(self._res_cap + pos, torch.arange(n - m, n), images, logits, labels)
+            for i in range(m):
+                writes[self._res_cap + (self._ring_head + i) % self._ring_cap] = n - m + i
             self._ring_head = (self._ring_head + m) % self._ring_cap
             self._ring_len = min(self._ring_len + m, self._ring_cap)
-            changed = True
 
         if self._res_cap and self.balance:
-            changed |= self._add_balanced(images, logits, labels)
+            self._add_balanced(logits, writes)
         elif self._res_cap:
             # Algorithm R: sample number t (0-based) replaces a uniform slot with probability cap/(t+1).
             # One draw per sample offered, used or not, so the random stream does not depend on the fill.
-            t = self.seen + torch.arange(n, dtype=torch.float64)
-            j = (torch.rand(n, generator=self._gen, dtype=torch.float64) * (t + 1)).long()
-            eligible = torch.nonzero(t >= self._protect_until).squeeze(1)
-            free = self._res_cap - self._res_len
-            fill, rest = eligible[:free], eligible[free:]
-            if fill.numel():
-                self._write(self._res_len + torch.arange(fill.numel()), fill, images, logits, labels)
-                self._res_len += int(fill.numel())
-                changed = True
-            rest = rest[j[rest] < self._res_cap]
-            if rest.numel():
-                # Later samples win a slot picked twice in one batch, as in the one-at-a-time algorithm.
-                slots, order = torch.sort(j[rest], stable=True)
-                last = torch.ones_like(slots, dtype=torch.bool)
-                last[:-1] = slots[1:] != slots[:-1]
-                self._write(slots[last], rest[order][last], images, logits, labels)
-                changed = True
+            u = torch.rand(n, generator=self._gen, dtype=torch.float64).tolist()
+            for i in range(max(0, self._protect_until - self.seen), n):
+                if self._res_len < self._res_cap:
+                    writes[self._res_len] = i
+                    self._res_len += 1
+                    continue
+                t = self.seen + i
+                j = int(u[i] * (t + 1))  # the float64 product, truncated
+                if j < self._res_cap:
+                    writes[j] = i  # a later sample wins a slot picked twice, as one at a time
 
+        if writes:
+            self._write(torch.tensor(list(writes), dtype=torch.int64),
+                        torch.tensor(list(writes.values()), dtype=torch.int64), images, logits, labels)
         if self.balance:
             assert self._recent is not None
             keep = (1.0 - 1.0 / RECENT_WINDOW) ** n
             hist = torch.bincount(logits.argmax(1), minlength=k).to(torch.float64) / n
             self._recent.mul_(keep).add_(hist, alpha=1.0 - keep)
         self.seen += n
-        self.revision += int(changed)
+        self.revision += int(bool(writes))
 
     def _place(self, slot: int, c: int) -> None:
         """Record that reservoir ``slot`` now holds a sample of class ``c`` (balance bookkeeping)."""
@@ -245,12 +242,12 @@ class ReplayBuffer:
         self._where[slot] = len(self._slots[c])
         self._slots[c].append(slot)
 
-    def _add_balanced(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> bool:
-        """CBRS over the batch (module docstring); returns whether anything was stored."""
-        n = int(images.shape[0])
+    def _add_balanced(self, logits: torch.Tensor, writes: dict[int, int]) -> None:
+        """CBRS over the batch (module docstring): the reservoir slots it stores, as slot -> batch row in
+        ``writes`` (a later sample wins a slot written twice)."""
+        n = int(logits.shape[0])
         classes = logits.argmax(1).tolist()
         u = torch.rand((n, 3), generator=self._gen, dtype=torch.float64).tolist()  # one row per sample, always
-        writes: dict[int, int] = {}  # slot -> batch row (the later sample wins a slot written twice)
         moved = False  # whether a slot changed class
         counts = [len(lst) for lst in self._slots]
         for i, c in enumerate(classes):
@@ -282,14 +279,8 @@ class ReplayBuffer:
                 for j, m in enumerate(counts):
                     if m == top:
                         self._full[j] = True
-        if not writes:
-            return False
-        slots = torch.tensor(list(writes.keys()), dtype=torch.int64)
-        rows = torch.tensor(list(writes.values()), dtype=torch.int64)
-        self._write(slots, rows, images, logits, labels)
         if moved:
             self._index = None
-        return True
 
     def protect(self, samples: int) -> None:
         """Freeze the reservoir for the next ``samples`` offered samples (they still reach the recent region).
