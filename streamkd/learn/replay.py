@@ -197,8 +197,8 @@ class ReplayBuffer:
             raise ValueError(f"samples must keep the shape of the first ones: images {tuple(self._images.shape[1:])}"
                              f" and {self._logits.shape[1]} logits, got {shape} and {k}")
         logits = logits.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-        # Which slot gets which row is worked out on Python ints (a batch is small): the stores are then one
-        # indexed write, instead of a dozen tensor ops on a few dozen indices.
+        # Which slot gets which row is worked out on Python ints (a batch is a few dozen rows, where each tensor
+        # op costs more than the loop), then stored with one indexed write.
         writes: dict[int, int] = {}  # slot -> batch row
 
         if self._ring_cap:  # the latest samples, oldest overwritten first
