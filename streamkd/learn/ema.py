@@ -121,7 +121,7 @@ class Ema:
                 if e.is_floating_point():
                     ema_list, model_list = groups[(e.device, e.dtype)]
                     ema_list.append(e)
-                    model_list.append(m if m.device == e.device else m.to(e.device))
+                    model_list.append(m.to(e.device))
                 else:
                     e.copy_(m)
             avg = get_ema_multi_avg_fn(self.current_decay())

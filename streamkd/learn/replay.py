@@ -74,14 +74,6 @@ def check_batch(images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"labels must be integer N with N={images.shape[0]}, got {labels.dtype} {tuple(labels.shape)}")
 
 
-def _on_cpu(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t`` on the CPU in ``dtype`` (its own when None), without a graph; ``t`` itself when it already is."""
-    t = t.detach()
-    if t.device.type == "cpu" and (dtype is None or t.dtype == dtype):
-        return t
-    return t.to("cpu", dtype or t.dtype)
-
-
 class ReplayBuffer:
     """Reservoir + recent ring of (uint8 image, fp16 teacher logits, int64 label) samples on the CPU.
 
@@ -183,7 +175,9 @@ class ReplayBuffer:
         are not finite are neither stored nor counted. Logits are stored as fp16 (clamped to its range).
         """
         check_batch(images, logits, labels)
-        images, logits, labels = _on_cpu(images), _on_cpu(logits, torch.float32), _on_cpu(labels, torch.int64)
+        images = images.detach().to("cpu")
+        logits = logits.detach().to("cpu", torch.float32)
+        labels = labels.detach().to("cpu", torch.int64)
         finite = torch.isfinite(logits).all(dim=1)
         if not bool(finite.all()):
             images, logits, labels = images[finite], logits[finite], labels[finite]

@@ -133,9 +133,9 @@ class Trainer:
         replayed = self.replay.sample(n, int(x.shape[0]), recent)
         if replayed is None:
             return (x, t, y) if x.shape[0] else None
-        rx, rt, ry = (v if v.device == x.device else v.to(x.device, non_blocking=True) for v in replayed)
+        rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
         self.metrics.replayed(int(rx.shape[0]))
-        return torch.cat([x, rx]), torch.cat([t, rt if rt.dtype == t.dtype else rt.to(t.dtype)]), torch.cat([y, ry])
+        return torch.cat([x, rx]), torch.cat([t, rt.to(t.dtype)]), torch.cat([y, ry])
 
     def _watch(self, lab: Labelled, t: torch.Tensor, random: torch.Tensor, fresh: int) -> None:
         """Random-share agreement -> budget controller and drift monitor (a host read of a few values).
