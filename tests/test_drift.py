@@ -97,6 +97,15 @@ def test_both_detectors_restart_after_an_event(detector):
     assert len(events) == 1, events
 
 
+def test_after_a_suppressed_detection_the_count_follows_adwin_starting_over():
+    # In the warm-up a detection raises no event and restarts nothing of ours, but river's ADWIN empties its
+    # window at the next value: the signal's count of observations (an event's ``observations``) must too.
+    m = DriftMonitor("adwin", warmup=100_000)
+    assert feed(m, seed=6, n=12_000, change=1_000) == []
+    confidence = m.signals["confidence"]
+    assert 0 < confidence.n == confidence.model.width < 11_000
+
+
 def test_warmup_suppresses_early_events():
     early = dict(n=12_000, change=1_000)
     assert feed(DriftMonitor("adwin"), seed=6, **early)

@@ -164,15 +164,15 @@ class _Signal:
         if not self.model.drift_detected:
             return None
         n, total = self.n, self.total
-        # After a detection ADWIN keeps only the window after the cut; Page-Hinkley starts over.
+        # river starts either detector over at its next value (ADWIN drops the window it kept after the cut), so
+        # the counts start over too. The means are read now: ADWIN still holds the window after the cut.
+        self.n, self.total = 0, 0.0
         if adwin:
             after_n, after = self.model.width, self.model.estimation
             cut = width + 1 - after_n
             before = (width * mean + x - after_n * after) / cut if cut > 0 else None
-            self.n, self.total = after_n, after_n * after
         else:
             before, after = total / n, None
-            self.n, self.total = 0, 0.0
         if self.direction == "down" and adwin and before is not None and after >= before:
             return None  # a rise: the student is learning, not drift
         if adwin and before is not None and abs(before - after) < MIN_CHANGE.get(self.name, 0.0):
