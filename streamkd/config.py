@@ -161,6 +161,9 @@ class ReplayConfig:
     max_bytes: int = 64 << 20  # the buffer never holds more than this, whatever the capacity
     ratio: float = 2.0  # replayed samples per sample of a full batch, in a step
     recency_share: float = 0.25  # of the replayed samples, drawn from the most recent ones
+    # Prioritized draws from the reservoir: probability ∝ (divergence from the teacher + 0.01) ** priority,
+    # the divergence measured when the sample was last trained on; 0 draws uniformly.
+    priority: float = 0.0
     # Balance the reservoir (class-balancing reservoir sampling) and its draws over the teacher's top-1 classes.
     balance: bool = False
 
@@ -577,7 +580,7 @@ def _fraction(key: str, value: float, *, zero: bool = True) -> None:
 def _validate_learning(cfg: Config) -> None:
     """Replay, EMA, gate, teacher budget and drift settings."""
     _positive(cfg, "replay", "capacity", "max_bytes")
-    _positive(cfg, "replay", "ratio", allow_zero=True)
+    _positive(cfg, "replay", "ratio", "priority", allow_zero=True)
     _fraction("replay.recency_share", cfg.replay.recency_share)
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError("ema.decay", f"must be in (0, 1), got {cfg.ema.decay}")

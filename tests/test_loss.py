@@ -158,3 +158,13 @@ def test_shape_validation():
         kd_loss(S, T_, torch.tensor([0]), 2.0, 0.5)
     with pytest.raises(ValueError, match="empty"):
         kd_loss(S[:0], T_[:0], Y[:0], 2.0, 0.5)
+
+
+@pytest.mark.parametrize("form", ["kl", "soft_ce"])
+def test_divergence_is_each_samples_kl_at_the_temperature(form):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g, requires_grad=True), torch.randn(6, 5, generator=g) * 3
+    out = kd_loss(s, t, torch.full((6,), -1), temperature=2.0, alpha=0.9, form=form)
+    want = F.kl_div(F.log_softmax(s / 2, 1), F.log_softmax(t / 2, 1), log_target=True, reduction="none").sum(1)
+    assert out.divergence.shape == (6,) and not out.divergence.requires_grad
+    torch.testing.assert_close(out.divergence, want.detach())

@@ -115,7 +115,7 @@ def test_recency_share_one_is_a_fifo():
 def test_samples_are_copies_with_float32_logits():
     buf = ReplayBuffer(50, 10**9, 0.2, 0)
     feed(buf, 50, 50)
-    images, logits, labels = buf.sample(20)
+    images, logits, labels, _ = buf.sample(20)
     assert images.dtype == torch.uint8 and images.shape == (20, 1, 2, 2)
     assert logits.dtype == torch.float32 and logits.shape == (20, K) and labels.dtype == torch.int64
     # Stored logits are fp16 of the offered ones: the top-1 survives, values within fp16 rounding.
@@ -387,3 +387,111 @@ def test_balanced_state_round_trips_and_loads_across_the_setting():
     d = ReplayBuffer(60, 10**9, 0.3, 7)
     d.load_state_dict(round_trip(a.state_dict()))
     assert len(d) == len(a)
+
+
+# -- prioritized draws -------------------------------------------------------------------------------
+
+def prioritized(priority: float, n: int = 100) -> ReplayBuffer:
+    """A reservoir-only buffer of samples 0..n-1 whose priority is 1 for even ids and 0 for odd ones."""
+    buf = ReplayBuffer(n, 10**9, 0.0, 3, priority=priority)
+    images, logits, ids = stream(0, n)
+    buf.add(images, logits, ids, (ids % 2 == 0).float())
+    return buf
+
+
+def test_prioritized_draws_follow_the_priorities():
+    # Slot weights (p + 0.01) ** 1: an even sample 1.01, an odd one 0.01, so about 1 draw in 101 is odd.
+    buf = prioritized(1.0)
+    drawn = torch.cat([buf.sample(64)[2] for _ in range(100)])
+    odd = float((drawn % 2 == 1).float().mean())
+    assert odd < 0.03
+    assert {i for i in drawn.tolist() if i % 2 == 0} == set(range(0, 100, 2))  # every even sample is drawn
+    # Exponent 0: the priorities are kept but the draws are uniform.
+    flat = prioritized(0.0)
+    uniform = torch.cat([flat.sample(64)[2] for _ in range(100)])
+    assert 0.45 < float((uniform % 2 == 1).float().mean()) < 0.55
+
+
+def test_the_exponent_flattens_the_priorities():
+    # (p + 0.01) ** 0.5: 1.005 against 0.1, so about 9 % of the draws are odd.
+    buf = prioritized(0.5)
+    drawn = torch.cat([buf.sample(64)[2] for _ in range(200)])
+    assert 0.07 < float((drawn % 2 == 1).float().mean()) < 0.11
+
+
+def test_reprioritize_sets_the_drawn_slots_priority_and_keeps_the_larger_for_a_repeat():
+    buf = prioritized(1.0, n=10)
+    slots = torch.tensor([0, 2, 2, 4])
+    buf.reprioritize(slots, torch.tensor([0.0, 0.5, 0.25, float("nan")]))
+    assert buf._prio[[0, 2, 4]].tolist() == [0.0, 0.5, 1.0]  # nan counts as 1
+    buf.reprioritize(torch.tensor([6]), torch.tensor([float("inf")]))
+    assert buf._prio[6] == 1e4  # clamped
+    with pytest.raises(ValueError, match="one divergence per slot"):
+        buf.reprioritize(slots, torch.zeros(3))
+    # The slots returned by a draw are where its rows came from.
+    draw = buf.sample(32)
+    assert torch.equal(buf._labels[draw.slots], draw.labels)
+
+
+def test_a_sample_the_student_has_learnt_is_rarely_drawn_again():
+    buf = ReplayBuffer(20, 10**9, 0.0, 0, priority=1.0)
+    images, logits, ids = stream(0, 20)
+    buf.add(images, logits, ids, torch.ones(20))
+    buf.reprioritize(torch.arange(10), torch.zeros(10))  # ids 0..9 now match the teacher
+    drawn = torch.cat([buf.sample(32)[2] for _ in range(100)])
+    assert float((drawn < 10).float().mean()) < 0.03
+
+
+def test_priorities_without_a_value_are_one_and_wrong_shapes_are_refused():
+    buf = ReplayBuffer(10, 10**9, 0.0, 0, priority=1.0)
+    buf.add(*stream(0, 10))
+    assert buf._prio.tolist() == [1.0] * 10
+    with pytest.raises(ValueError, match="priority must be float N"):
+        buf.add(*stream(10, 4), torch.ones(3))
+    with pytest.raises(ValueError, match="priority must be a finite number"):
+        ReplayBuffer(10, 10**9, 0.0, 0, priority=-1.0)
+
+
+def test_non_finite_teacher_rows_drop_their_priority_too():
+    buf = ReplayBuffer(10, 10**9, 0.0, 0, priority=1.0)
+    images, logits, ids = stream(0, 4)
+    logits[1, 0] = float("nan")
+    buf.add(images, logits, ids, torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert buf._labels[:3].tolist() == [0, 2, 3] and buf._prio[:3].tolist() == pytest.approx([0.1, 0.3, 0.4])
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3])
+def test_priorities_round_trip_with_identical_future_draws(share):
+    a = ReplayBuffer(60, 10**9, share, 7, priority=1.0)
+    g = torch.Generator().manual_seed(0)
+    for i in range(0, 400, 25):
+        a.add(*stream(i, 25), torch.rand(25, generator=g))
+        draw = a.sample(16)
+        a.reprioritize(draw.slots, torch.rand(16, generator=g))
+    state = a.state_dict()
+    assert _tensors_and_ints_only(state) and "reservoir_priority" in state
+    b = ReplayBuffer(60, 10**9, share, 1, priority=1.0)
+    b.load_state_dict(round_trip(state))
+    assert torch.equal(a._prio, b._prio)
+    for i in range(10):
+        batch, p = stream(400 + 25 * i, 25), torch.rand(25, generator=g)
+        a.add(*batch, p)
+        b.add(*batch, p)
+        da, db = a.sample(16), b.sample(16)
+        for x, y in zip(da, db, strict=True):
+            assert torch.equal(x, y)
+        d = torch.rand(16, generator=g)
+        a.reprioritize(da.slots, d)
+        b.reprioritize(db.slots, d)
+
+
+def test_a_state_saved_without_priorities_loads_with_priority_one():
+    a = ReplayBuffer(20, 10**9, 0.25, 7, priority=1.0)
+    a.add(*stream(0, 20), torch.full((20,), 0.5))
+    state = {k: v for k, v in a.state_dict().items() if not k.endswith("_priority")}
+    b = ReplayBuffer(20, 10**9, 0.25, 7, priority=1.0)
+    b.load_state_dict(round_trip(state))
+    assert len(b) == 20 and b._prio.tolist() == [1.0] * 20
+    bad = dict(a.state_dict(), reservoir_priority=torch.zeros(3))
+    with pytest.raises(ValueError, match="reservoir_priority"):
+        b.load_state_dict(round_trip(bad))

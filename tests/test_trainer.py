@@ -13,8 +13,10 @@ from streamkd.state.checkpoint import CheckpointStore
 from streamkd.state.snapshot import SnapshotStore
 
 
-def test_replay_ema_and_holdout_resume_from_the_checkpoint(tmp_path):
-    cfg = config(tmp_path, "checkpoint.every_steps=1000", "gate.holdout_share=0.1", plain=False)
+@pytest.mark.parametrize("priority", ["0", "1"])
+def test_replay_ema_and_holdout_resume_from_the_checkpoint(tmp_path, priority):
+    cfg = config(tmp_path, "checkpoint.every_steps=1000", "gate.holdout_share=0.1", f"replay.priority={priority}",
+                 plain=False)
     first = daemon.build(cfg, intake=MemoryIntake(batches(10)))
     prog = run(first, 10 * BATCH)
     tr = first.trainer
@@ -32,6 +34,7 @@ def test_replay_ema_and_holdout_resume_from_the_checkpoint(tmp_path):
         assert torch.equal(a, b)
     assert all(torch.equal(tr.ema.weights()[k], tr2.ema.weights()[k]) for k in tr.ema.weights())
     assert len(tr2.holdout) == len(tr.holdout) and tr2.holdout.diverted == held
+    assert torch.equal(tr.replay._prio, tr2.replay._prio)  # the priorities too
     assert torch.equal(tr.replay.sample(16)[0], tr2.replay.sample(16)[0])  # the same future draws
     assert set(state) >= {"replay", "ema", "holdout", "budget", "boost"}
 
@@ -347,3 +350,34 @@ def test_balanced_replay_is_wired_and_resumes_from_the_checkpoint(tmp_path):
     assert tr2.replay._class_seen == tr.replay._class_seen and torch.equal(tr2.replay._recent, tr.replay._recent)
     for a, b in zip(tr.replay.sample(16, fresh=BATCH), tr2.replay.sample(16, fresh=BATCH), strict=True):
         assert torch.equal(a, b)
+
+
+def test_replayed_and_stored_samples_carry_their_divergence_from_the_teacher(tmp_path):
+    cfg = config(tmp_path, "gate.enabled=false", "drift.enabled=false", "replay.recency_share=0",
+                 "replay.priority=1", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(12)))
+    tr, learner = parts.trainer, parts.learner
+    assert tr.replay.priority == 1.0
+    seen = {"added": 0, "replayed": 0}
+    add, reprioritize = tr.replay.add, tr.replay.reprioritize
+
+    def spy_add(x, t, y, priority=None):
+        # The fresh rows come first in the step's batch: they are stored with their divergence.
+        assert torch.equal(priority, learner.last_divergence[:x.shape[0]])
+        seen["added"] += 1
+        add(x, t, y, priority)
+
+    def spy_reprioritize(slots, divergence):
+        assert torch.equal(divergence, learner.last_divergence[-slots.shape[0]:])  # the replayed rows, last
+        reprioritize(slots, divergence)
+        want: dict[int, float] = {}  # a slot drawn twice keeps the larger value
+        for slot, d in zip(slots.tolist(), divergence.tolist(), strict=True):
+            want[slot] = max(want.get(slot, 0.0), d)
+        assert tr.replay._prio[list(want)].tolist() == list(want.values())
+        seen["replayed"] += 1
+
+    tr.replay.add, tr.replay.reprioritize = spy_add, spy_reprioritize
+    torch.manual_seed(0)
+    run(parts, 12 * BATCH)
+    assert seen["added"] == 12 and seen["replayed"] == 11  # the first step has nothing to replay yet
+    assert bool((tr.replay._prio[:len(tr.replay)] != 1.0).all())  # every stored sample has a measured priority

@@ -116,6 +116,8 @@ class Learner:
         # The fresh rows' predictions and confidence (max softmax) before the last update, on the device.
         self.last_pred: torch.Tensor | None = None
         self.last_confidence: torch.Tensor | None = None
+        # Every row's KL(teacher ‖ student) at temperature T before the last update (device; replay priorities).
+        self.last_divergence: torch.Tensor | None = None
 
     def step(self, images: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
              fresh: int | None = None) -> torch.Tensor:
@@ -144,6 +146,7 @@ class Learner:
         safe_t = torch.where(finite[:, None], teacher_logits, logits.detach())  # KL 0 on dropped rows
         safe_y = torch.where(finite, labels, torch.full_like(labels, -1))
         out = kd_loss(logits, safe_t, safe_y, self.cfg.temperature, self.cfg.alpha, form=self.cfg.loss)
+        self.last_divergence = out.divergence
         n_finite = finite.sum()
         # batchmean divided by N: rescale so dropped rows do not dilute the update.
         scale = finite.numel() / n_finite.clamp(min=1).float()

@@ -17,12 +17,13 @@ FORMS = ("kl", "soft_ce")
 
 @dataclass(frozen=True)
 class KDLoss:
-    """One step's loss and its parts; every field is a 0-dim tensor on the logits' device."""
+    """One step's loss and its parts, on the logits' device: 0-dim tensors, and one per-sample vector."""
 
     total: torch.Tensor  # float32, what backward() is called on
     kd: torch.Tensor  # float32, T² · mean over all N samples of the soft-target term (before alpha)
     ce: torch.Tensor  # float32, mean CE over the labelled samples (0 when none)
     labelled: torch.Tensor  # int64, number of labelled samples
+    divergence: torch.Tensor  # float32 N, detached: KL(P_T ‖ P_S) per sample at temperature T (no T² factor)
 
 
 def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -97,8 +98,10 @@ def kd_loss(
     p_t = log_p_t.exp()
     if form == "kl":
         per_kd = (p_t * (log_p_t - log_p_s)).sum(dim=1)  # N, KL(P_T ‖ P_S) >= 0
+        divergence = per_kd.detach()
     else:
         per_kd = -(p_t * log_p_s).sum(dim=1)  # N, H(P_T, P_S)
+        divergence = per_kd.detach() + (p_t * log_p_t).sum(dim=1)  # H(P_T, P_S) − H(P_T)
     per_kd = t2 * per_kd
 
     mask = labels >= 0
@@ -112,4 +115,4 @@ def kd_loss(
     weight_kd = 1.0 - (1.0 - alpha) * m
     total = (weight_kd * per_kd + (1.0 - alpha) * per_ce).sum() / n
     kd = per_kd.sum() / n
-    return KDLoss(total=total, kd=kd, ce=ce, labelled=labelled)
+    return KDLoss(total=total, kd=kd, ce=ce, labelled=labelled, divergence=divergence)

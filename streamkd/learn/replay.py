@@ -34,6 +34,16 @@ over the teacher's top-1 classes (a stream usually has no labels):
   of the past in a fair share of each step instead of the share they have
   in a uniform draw; on a balanced stream it is the uniform draw.
 
+With a ``priority`` exponent α > 0 the reservoir's draws are prioritized
+(Schaul et al. 2016, "Prioritized Experience Replay"): slot i is drawn with
+probability ∝ (p_i + ε)^α, where p_i is the sample's divergence from the
+teacher (KL at the distillation temperature) when it was last trained on:
+its own fresh step when it was stored, then each step that replayed it. The
+student then spends its replayed rows where it still disagrees with the
+teacher instead of on samples it has learnt. α = 0 draws uniformly; the
+recent region's draws, and the draws of a balanced reservoir within a class,
+are always uniform.
+
 The per-sample CBRS decisions run over Python ints (O(1) each, no tensor
 op per sample); the stores are one indexed write per batch.
 
@@ -50,11 +60,15 @@ saved in :meth:`state_dict`, so a buffer restored from a checkpoint
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["ReplayBuffer", "bytes_per_sample"]
+__all__ = ["Draw", "ReplayBuffer", "bytes_per_sample"]
 
 FORMAT = 1
+PRIORITY_EPS = 0.01  # ε of the prioritized draws: a sample the student matches keeps a small chance
+_PRIORITY_MAX = 1e4  # priorities are clamped to [0, this]
 RECENT_WINDOW = 500  # samples: the span of the recent class frequencies that balanced draws complement
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -62,6 +76,22 @@ _FP16_MAX = float(torch.finfo(torch.float16).max)
 def bytes_per_sample(image_shape: tuple[int, ...], num_classes: int) -> int:
     """Bytes one stored sample takes: uint8 image + fp16 logits + int64 label."""
     return int(torch.Size(image_shape).numel()) + 2 * num_classes + 8
+
+
+class Draw(NamedTuple):
+    """Replayed samples: copies of the stored rows, and the slots they came from."""
+
+    images: torch.Tensor  # uint8 n×C×H×W
+    logits: torch.Tensor  # float32 n×K
+    labels: torch.Tensor  # int64 n
+    slots: torch.Tensor  # int64 n
+
+
+def _priorities(p: torch.Tensor) -> torch.Tensor:
+    """Divergences as stored priorities: float32 on the CPU (a sync point on an accelerator), NaN as 1, clamped to
+    [0, _PRIORITY_MAX]."""
+    p = p.detach().to("cpu", torch.float32)
+    return p.nan_to_num(nan=1.0, posinf=_PRIORITY_MAX, neginf=0.0).clamp_(0.0, _PRIORITY_MAX)
 
 
 def check_batch(images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -82,16 +112,20 @@ class ReplayBuffer:
     sample's shape. recency_share: in [0, 1], the share of slots in the recent region and of each
     :meth:`sample` drawn from it (0: reservoir only; 1: a plain FIFO of the latest samples).
     balance: class-balanced reservoir and draws over the teacher's top-1 classes (module docstring).
+    priority: the exponent α of prioritized reservoir draws, >= 0 (0: uniform; module docstring).
     """
 
     def __init__(self, capacity: int, max_bytes: int, recency_share: float, seed: int,
-                 balance: bool = False) -> None:
+                 balance: bool = False, priority: float = 0.0) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
             raise ValueError(f"max_bytes must be an integer >= 1, got {max_bytes!r}")
         if not 0.0 <= recency_share <= 1.0:
             raise ValueError(f"recency_share must be in [0, 1], got {recency_share!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int | float) or not 0.0 <= priority < float("inf"):
+            raise ValueError(f"priority must be a finite number >= 0, got {priority!r}")
+        self.priority = float(priority)
         self.capacity, self.max_bytes, self.recency_share = capacity, max_bytes, float(recency_share)
         self.balance = bool(balance)
         self._gen = torch.Generator().manual_seed(int(seed))
@@ -104,6 +138,7 @@ class ReplayBuffer:
         self._res_cap = self._ring_cap = 0
         self._res_len = self._ring_len = self._ring_head = 0
         self._stamps: torch.Tensor | None = None
+        self._prio: torch.Tensor | None = None  # float32 per slot: the divergence last measured (see priority)
         self._writes = 0  # writes so far (in this process): a slot's stamp says which one filled it
         # Balance (saved): samples offered per class, classes that have been the largest, recent frequencies.
         self._class_seen: list[int] = []
@@ -151,6 +186,7 @@ class ReplayBuffer:
         self._logits = torch.zeros((slots, k), dtype=torch.float16)
         self._labels = torch.full((slots,), -1, dtype=torch.int64)
         self._stamps = torch.zeros((slots,), dtype=torch.int64)  # per slot: the write that filled it
+        self._prio = torch.ones((slots,), dtype=torch.float32)
         if self.balance:
             self._slot_cls, self._where = [-1] * self._res_cap, [-1] * self._res_cap
             self._slots = [[] for _ in range(k)]
@@ -158,8 +194,9 @@ class ReplayBuffer:
             self._recent = torch.full((k,), 1.0 / k, dtype=torch.float64)
             self._index = None
 
-    def _write(self, slots: torch.Tensor, src: torch.Tensor, images, logits, labels) -> None:
+    def _write(self, slots: torch.Tensor, src: torch.Tensor, images, logits, labels, priority=None) -> None:
         assert self._images is not None and self._logits is not None and self._labels is not None
+        assert self._prio is not None
         # index_copy_/index_select: several times faster than advanced indexing on uint8 images. Slots are
         # unique within a write (callers resolve a slot picked twice), as index_copy_ needs.
         self._images.index_copy_(0, slots, images.index_select(0, src))
@@ -167,20 +204,31 @@ class ReplayBuffer:
         self._labels.index_copy_(0, slots, labels.index_select(0, src))
         self._writes += 1
         self._stamps.index_fill_(0, slots, self._writes)
+        if priority is None:
+            self._prio.index_fill_(0, slots, 1.0)
+        else:
+            self._prio.index_copy_(0, slots, priority.index_select(0, src))
 
-    def add(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Offer a batch: images uint8 N×C×H×W, teacher logits float N×K, labels int N (-1: none).
+    def add(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+            priority: torch.Tensor | None = None) -> None:
+        """Offer a batch: images uint8 N×C×H×W, teacher logits float N×K, labels int N (-1: none), and
+        optionally each sample's priority (float N: its divergence from the teacher; 1 when not given).
 
         Inputs on an accelerator are copied to the host here (a sync point). Rows whose logits
         are not finite are neither stored nor counted. Logits are stored as fp16 (clamped to its range).
         """
         check_batch(images, logits, labels)
+        if priority is not None and (not priority.is_floating_point() or priority.shape != labels.shape):
+            raise ValueError(f"priority must be float N with N={labels.shape[0]}, got {priority.dtype} "
+                             f"{tuple(priority.shape)}")
         images = images.detach().to("cpu")
         logits = logits.detach().to("cpu", torch.float32)
         labels = labels.detach().to("cpu", torch.int64)
+        priority = _priorities(priority) if priority is not None else None
         finite = torch.isfinite(logits).all(dim=1)
         if not bool(finite.all()):
             images, logits, labels = images[finite], logits[finite], labels[finite]
+            priority = priority[finite] if priority is not None else None
         n = int(images.shape[0])
         if n == 0:
             return
@@ -220,7 +268,7 @@ class ReplayBuffer:
 
         if writes:
             self._write(torch.tensor(list(writes), dtype=torch.int64),
-                        torch.tensor(list(writes.values()), dtype=torch.int64), images, logits, labels)
+                        torch.tensor(list(writes.values()), dtype=torch.int64), images, logits, labels, priority)
         if self.balance:
             assert self._recent is not None
             keep = (1.0 - 1.0 / RECENT_WINDOW) ** n
@@ -292,14 +340,14 @@ class ReplayBuffer:
         self._protect_until = max(self._protect_until, self.seen + samples)
 
     # -- reading -----------------------------------------------------------------------------
-    def sample(self, n: int, fresh: int = 0,
-               recent: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """n stored samples drawn with replacement: (uint8 n×C×H×W, float32 logits n×K, int64 labels n).
+    def sample(self, n: int, fresh: int = 0, recent: float | None = None) -> Draw | None:
+        """n stored samples drawn with replacement: uint8 images n×C×H×W, float32 logits n×K, int64 labels n,
+        and their slots (for :meth:`reprioritize`).
 
         A ``recency_share`` of them (``recent``, when given), stochastically rounded, comes from the recent
-        region while both regions hold samples. With ``balance``, the reservoir's share complements ``fresh``
-        rows of the step (and the recent draws) at the recent class frequencies. None when the buffer is empty or
-        n == 0. Returns copies.
+        region while both regions hold samples. The reservoir's share is drawn by priority when ``priority``
+        > 0; with ``balance``, it complements ``fresh`` rows of the step (and the recent draws) at the recent
+        class frequencies. None when the buffer is empty or n == 0. Returns copies.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an integer >= 0, got {n!r}")
@@ -319,10 +367,23 @@ class ReplayBuffer:
             k = int(want) + int(torch.rand((), generator=self._gen, dtype=torch.float64) < want - int(want))
         if self.balance and self._res_len and n > k:
             res = self._balanced_draw(n - k, k + fresh)
+        elif self.priority and self._res_len and n > k:
+            assert self._prio is not None
+            weights = (self._prio[:self._res_len] + PRIORITY_EPS).pow_(self.priority)
+            res = torch.multinomial(weights, n - k, replacement=True, generator=self._gen)
         else:
             res = torch.randint(0, max(self._res_len, 1), (n - k,), generator=self._gen)
         idx = torch.cat([res, self._res_cap + torch.randint(0, max(self._ring_len, 1), (k,), generator=self._gen)])
-        return self._take(idx)
+        return Draw(*self._take(idx), idx)
+
+    def reprioritize(self, slots: torch.Tensor, divergence: torch.Tensor) -> None:
+        """Set the priority of ``slots`` (from :meth:`sample`, before any later :meth:`add`) to the divergence
+        just measured on them (float, one per slot; a slot drawn twice keeps the larger)."""
+        if slots.shape != divergence.shape:
+            raise ValueError(f"one divergence per slot: {tuple(slots.shape)} slots, {tuple(divergence.shape)} values")
+        if self._prio is None or not slots.numel():
+            return
+        self._prio.scatter_reduce_(0, slots, _priorities(divergence), "amax", include_self=False)
 
     def _take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies of slots ``idx``: uint8 images, float32 logits, int64 labels."""
@@ -393,7 +454,8 @@ class ReplayBuffer:
         if self._images is not None:
             assert self._logits is not None and self._labels is not None
             res, ring = slice(0, self._res_len), slice(self._res_cap, self._res_cap + self._ring_len)
-            for name, t in (("images", self._images), ("logits", self._logits), ("labels", self._labels)):
+            for name, t in (("images", self._images), ("logits", self._logits), ("labels", self._labels),
+                            ("priority", self._prio)):
                 state[f"reservoir_{name}"] = t[res].clone()
                 state[f"recent_{name}"] = t[ring].clone()
             if self.balance:
@@ -417,7 +479,7 @@ class ReplayBuffer:
         rng = state.get("rng")
         if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
             raise ValueError("replay state: rng is not a uint8 tensor")
-        self._images = self._logits = self._labels = None
+        self._images = self._logits = self._labels = self._prio = None
         self._res_cap = self._ring_cap = self._res_len = self._ring_len = self._ring_head = 0
         self._gen.set_state(rng)
         self.seen, self.revision, self._protect_until = ints["seen"], ints["revision"], ints["protect_until"]
@@ -429,8 +491,13 @@ class ReplayBuffer:
             if not all(isinstance(t, torch.Tensor) for t in (images, logits, labels)):
                 raise ValueError(f"replay state: {region} tensors missing")
             check_batch(images, logits, labels)
-            regions[region] = (images, logits.to(torch.float16), labels.to(torch.int64))
-        images, logits, _ = regions["reservoir"]
+            prio = state.get(f"{region}_priority")  # absent in states saved before priorities: 1 each
+            if prio is not None and not (isinstance(prio, torch.Tensor) and prio.is_floating_point()
+                                         and prio.shape == labels.shape):
+                raise ValueError(f"replay state: {region}_priority is not one float per sample")
+            regions[region] = (images, logits.to(torch.float16), labels.to(torch.int64),
+                               _priorities(prio) if prio is not None else None)
+        images, logits, _, _ = regions["reservoir"]
         if regions["recent"][0].shape[1:] != images.shape[1:] or regions["recent"][1].shape[1] != logits.shape[1]:
             raise ValueError("replay state: reservoir and recent samples differ in shape")
         self._allocate(tuple(images.shape[1:]), int(logits.shape[1]))

@@ -4,10 +4,11 @@ One :meth:`Trainer.step` per labelled batch:
 
 1. a small share of the fresh samples goes to the holdout (never trained on; it scores snapshots);
 2. the rest, plus replayed samples from the buffer (``replay.ratio`` per sample of a full batch, so that
-   steps stay useful when the teacher budget leaves few fresh samples), make the step's batch; only fresh
-   rows count for the prequential figures and ``samples_seen``;
+   steps stay useful when the teacher budget leaves few fresh samples; drawn by priority, see
+   ``replay.priority``), make the step's batch; only fresh rows count for the prequential figures and
+   ``samples_seen``; the replayed rows' divergence from the teacher becomes their new priority;
 3. the EMA of the student is updated;
-4. the fresh samples enter the replay buffer;
+4. the fresh samples enter the replay buffer, each with its divergence as its priority;
 5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
    budget goes to its ceiling and the replay buffer keeps its older content when ``drift.protect_samples``
    is set. After an input shift (any drift, with ``drift.boost_on: all``) the learning rate is also raised
@@ -58,7 +59,8 @@ class Trainer:
         self.cfg, self.learner, self.budget, self.metrics = cfg, learner, budget, metrics
         seed = cfg.train.seed
         r, g, d = cfg.replay, cfg.gate, cfg.drift
-        self.replay = ReplayBuffer(r.capacity, r.max_bytes, r.recency_share, seed, r.balance) if r.enabled else None
+        self.replay = ReplayBuffer(r.capacity, r.max_bytes, r.recency_share, seed, r.balance,
+                                   r.priority) if r.enabled else None
         self.ema = Ema(learner.student, cfg.ema.decay) if cfg.ema.enabled else None
         self.holdout = Holdout(g.holdout_capacity, g.holdout_share, seed) if g.enabled else None
         self.gate = Gate(g.tolerance)
@@ -97,20 +99,29 @@ class Trainer:
         batch = self._with_replay(x, t, y)
         if batch is None:
             return None
-        stats = self.learner.step(*batch, fresh=fresh)
+        stats = self._learn(*batch, fresh=fresh)
         if self.ema is not None:
             self.ema.update(self.learner.student)
         if self.replay is not None and fresh:
-            self.replay.add(x, t, y)
+            self.replay.add(x, t, y, self.learner.last_divergence[:fresh] if self.replay.priority else None)
             self.metrics.replay_buffer(len(self.replay), self.replay.nbytes)
         self._watch(lab, t, random, fresh)
         recent = self.cfg.drift.boost_recent_share if self._boosting("input_shift") else None
         for _ in range(self._updates() - 1):
-            again = self.learner.step(*self._with_replay(x, t, y, recent), fresh=0)
+            again = self._learn(*self._with_replay(x, t, y, recent), fresh=0)
             stats[S["skipped"]] = torch.maximum(stats[S["skipped"]], again[S["skipped"]])
             if self.ema is not None:
                 self.ema.update(self.learner.student)
         self.learner.lr_scale = self.boost.step()
+        return stats
+
+    def _learn(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, slots: torch.Tensor | None, *,
+               fresh: int) -> torch.Tensor:
+        """One learner step on rows ``x`` (the replayed ones last, from ``slots``); their divergence from the
+        teacher, measured by the step, becomes the replayed slots' priority."""
+        stats = self.learner.step(x, t, y, fresh=fresh)
+        if slots is not None and self.replay is not None and self.replay.priority:
+            self.replay.reprioritize(slots, self.learner.last_divergence[x.shape[0] - slots.shape[0]:])
         return stats
 
     def _boosting(self, kind: str) -> bool:
@@ -124,18 +135,19 @@ class Trainer:
         return max(n, self.cfg.drift.boost_updates) if self.boost.remaining > 0 else n
 
     def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, recent: float | None = None):
-        """The fresh rows plus a draw from the replay buffer (``recent``: the share of it from the latest
-        samples, ``replay.recency_share`` when None), or None when there is nothing to train."""
+        """(images, logits, labels, slots): the fresh rows plus a draw from the replay buffer (``recent``: the
+        share of it from the latest samples, ``replay.recency_share`` when None), the drawn slots last (None
+        without a draw); or None when there is nothing to train."""
         if self.replay is None:
-            return (x, t, y) if x.shape[0] else None
+            return (x, t, y, None) if x.shape[0] else None
         # The holdout's rows are made up from the buffer: a step's shape does not depend on the gate.
         n = round(self.cfg.replay.ratio * self.cfg.train.batch_size) + self.held_out
         replayed = self.replay.sample(n, int(x.shape[0]), recent)
         if replayed is None:
-            return (x, t, y) if x.shape[0] else None
-        rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed)
+            return (x, t, y, None) if x.shape[0] else None
+        rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed[:3])
         self.metrics.replayed(int(rx.shape[0]))
-        return torch.cat([x, rx]), torch.cat([t, rt.to(t.dtype)]), torch.cat([y, ry])
+        return torch.cat([x, rx]), torch.cat([t, rt.to(t.dtype)]), torch.cat([y, ry]), replayed.slots
 
     def _watch(self, lab: Labelled, t: torch.Tensor, random: torch.Tensor, fresh: int) -> None:
         """Random-share agreement -> budget controller and drift monitor (a host read of a few values).
