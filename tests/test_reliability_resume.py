@@ -28,7 +28,7 @@ SETTINGS = {
     "input": {"max_wait_ms": 50},
     "checkpoint": {"every_steps": 3, "every_seconds": 1, "keep": 3},
     "snapshot": {"every_steps": 50, "every_seconds": 5, "keep": 3},
-    "replay": {"enabled": True, "capacity": CAPACITY, "recency_share": 0.0, "ratio": 1.0},
+    "replay": {"enabled": True, "capacity": CAPACITY, "recency_share": 0.0, "ratio": 1.0, "priority": 1.0},
     # A drift reaction freezes the reservoir, which would keep later samples out of it.
     "drift": {"enabled": False},
 }
@@ -42,6 +42,8 @@ def key(image) -> bytes:
 def buffer_of(state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, logits) of the replay buffer a checkpoint holds, loaded the way the daemon loads it."""
     assert "replay" in state.learning, f"checkpoint step {state.step} holds no replay buffer"
+    prio = state.learning["replay"]["reservoir_priority"]  # prioritized draws: the measured priorities are kept
+    assert prio.numel() and bool((prio != 1.0).any())
     buf = ReplayBuffer(CAPACITY, 64 << 20, 0.0, seed=0)
     buf.load_state_dict(state.learning["replay"])
     images, logits, _ = buf.contents()
