@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from river import drift as river_drift
 
 from streamkd.learn.drift import DriftEvent, DriftMonitor, LrBoost, drift_kind, student_confidence
 
@@ -72,6 +73,31 @@ def test_agreement_alone_catches_a_shift_the_confidence_does_not_show():
     # ~10x fewer observations than the confidence signal: allow more delay than the joint drop.
     assert 0 <= events[0].samples_seen - change <= 1000
     assert events[0].mean_before == pytest.approx(0.88, abs=0.05)
+
+
+def test_adwin_event_means_are_those_of_the_window_around_the_cut():
+    # The mean before the cut is worked out from the monitor's own counts, not read from ADWIN at every value:
+    # it must be the one ADWIN's window gives, read before the value that fired.
+    rng = np.random.default_rng(5)
+    stream = np.concatenate([rng.random(4000) < 0.9, rng.random(4000) < 0.4]).astype(float).tolist()
+    monitor, shadow = DriftMonitor("adwin"), river_drift.ADWIN(delta=0.01, clock=8)  # the agreement's settings
+    for i in range(0, len(stream), 3):
+        values = stream[i:i + 3]
+        event = monitor.update(values, [0.9] * 30)
+        for x in values:
+            width, mean = shadow.width, shadow.estimation
+            shadow.update(x)
+            if shadow.drift_detected:
+                break
+        if shadow.drift_detected:
+            break
+    else:
+        pytest.fail("no cut")
+    after_n, after = shadow.width, shadow.estimation
+    assert event is not None and event.signal == "agreement"
+    assert event.mean_after == after
+    assert event.mean_before == pytest.approx((width * mean + x - after_n * after) / (width + 1 - after_n), rel=1e-12)
+    assert event.mean_before > 0.85 > event.mean_after
 
 
 @pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])

@@ -155,9 +155,6 @@ class _Signal:
 
     def update(self, x: float) -> DriftEvent | None:
         """Feed one value; an event (with ``samples_seen`` left 0) when the detector fires in our direction."""
-        adwin = self.detector == "adwin"
-        if adwin:
-            width, mean = self.model.width, self.model.estimation
         self.model.update(x)
         self.n += 1
         self.total += x
@@ -167,7 +164,12 @@ class _Signal:
         # river starts either detector over at its next value (ADWIN drops the window it kept after the cut), so
         # the counts start over too. The means are read now: ADWIN still holds the window after the cut.
         self.n, self.total = 0, 0.0
+        adwin = self.detector == "adwin"
         if adwin:
+            # ADWIN drops values only at a cut, so before this one its window held exactly the values counted
+            # since the last start: reading its width and mean there for every value would cost more than the
+            # update itself.
+            width, mean = n - 1, (total - x) / (n - 1) if n > 1 else 0.0
             after_n, after = self.model.width, self.model.estimation
             cut = width + 1 - after_n
             before = (width * mean + x - after_n * after) / cut if cut > 0 else None
@@ -264,7 +266,9 @@ class DriftMonitor:
             return
         k = max(int(classes.max()) + 1, 0 if self.mix is None else len(self.mix))
         shares = np.bincount(classes, minlength=k) / len(classes)
-        mix = None if self.mix is None else np.pad(self.mix, (0, k - len(self.mix)))
+        mix = self.mix
+        if mix is not None and len(mix) < k:
+            mix = np.pad(mix, (0, k - len(mix)))
         self.mix, self._mixed = _fold(mix, self._mixed, shares, len(classes))
 
     def state_dict(self) -> dict:

@@ -64,9 +64,30 @@ class _Plan:
             raise ValueError("model does not have the structure the EMA was built from")
         self.model = model
         self._pairs = [(d1, k1, d2, k2) for (_, d1, k1), (_, d2, k2) in zip(mine, theirs, strict=True)]
+        # The floating-point ones grouped by the EMA tensor's device and dtype (one fused kernel per group);
+        # the others (integer buffers) are copied.
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = defaultdict(lambda: ([], []))
+        self._copied = []
+        for d1, k1, d2, k2 in self._pairs:
+            e = d1[k1]
+            if e.is_floating_point():
+                ema_list, owners = groups[(e.device, e.dtype)]
+                ema_list.append(e)
+                owners.append((d2, k2))
+            else:
+                self._copied.append((d1, k1, d2, k2))
+        self._groups = [(device, ema_list, owners) for (device, _), (ema_list, owners) in groups.items()]
 
     def tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(d1[k1], d2[k2]) for d1, k1, d2, k2 in self._pairs]
+
+    def average(self, decay: float) -> None:
+        """``ema = decay * ema + (1 - decay) * model`` for the floating-point tensors; the others are copied."""
+        avg = get_ema_multi_avg_fn(decay)
+        for device, ema_list, owners in self._groups:
+            avg(ema_list, [d[k].to(device) for d, k in owners], None)
+        for d1, k1, d2, k2 in self._copied:
+            d1[k1].copy_(d2[k2])
 
 
 class Ema:
@@ -111,22 +132,11 @@ class Ema:
         model = unwrap(model)
         if self._plan is None or self._plan.model is not model:
             self._plan = _Plan(self.module, model)
-        pairs = self._plan.tensors()
         if self.updates == 0:
-            for e, m in pairs:
+            for e, m in self._plan.tensors():
                 e.copy_(m)
         else:
-            groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = defaultdict(lambda: ([], []))
-            for e, m in pairs:
-                if e.is_floating_point():
-                    ema_list, model_list = groups[(e.device, e.dtype)]
-                    ema_list.append(e)
-                    model_list.append(m.to(e.device))
-                else:
-                    e.copy_(m)
-            avg = get_ema_multi_avg_fn(self.current_decay())
-            for ema_list, model_list in groups.values():
-                avg(ema_list, model_list, None)
+            self._plan.average(self.current_decay())
         self.updates += 1
         self.follow_remaining = max(0, self.follow_remaining - 1)
 

@@ -90,8 +90,9 @@ class Trainer:
         x, t, y, random = lab.images, lab.teacher_logits, lab.labels, lab.random
         self.held_out = 0
         if self.holdout is not None and x.shape[0]:
+            diverted = self.holdout.diverted
             keep = self.holdout.offer(x, t, y)
-            self.held_out = int((~keep).sum())
+            self.held_out = self.holdout.diverted - diverted
             if self.held_out:  # most batches lose nothing to the holdout: no copies then
                 keep = keep.to(x.device)
                 x, t, y, random = x[keep], t[keep], y[keep], random[keep]
@@ -156,15 +157,16 @@ class Trainer:
         sample), so the plain step keeps no per-step host sync."""
         if not fresh or (self.drift is None and not self.budget.active):
             return
-        pred, top1, random = torch.stack([self.learner.last_pred, t.argmax(1), random.long()]).cpu()  # one copy
-        agree = (pred == top1)[random.bool()].float()
-        random_agreement = float(agree.mean()) if agree.numel() else None
+        # One copy to the host; a few dozen values are cheaper to compare in Python than with more tensor ops.
+        pred, top1, random = torch.stack([self.learner.last_pred, t.argmax(1), random.long()]).tolist()
+        agree = [float(p == c) for p, c, r in zip(pred, top1, random, strict=True) if r]
+        random_agreement = sum(agree) / len(agree) if agree else None
         if random_agreement is not None:
             self.metrics.random_agreement(random_agreement)
         event = None
         if self.drift is not None:
             confidence = lab.confidence if lab.confidence is not None else self.learner.last_confidence
-            event = self.drift.update(agree.tolist(), confidence.float().cpu().tolist(), top1.tolist())
+            event = self.drift.update(agree, confidence.float().cpu().tolist(), top1)
         self.budget.update(random_agreement, drift=event is not None)
         if event is not None:
             self.on_drift(event.as_dict())
