@@ -157,13 +157,13 @@ class ReplayConfig:
     """Replay of teacher-labelled samples: each step trains on the fresh batch plus samples from a buffer."""
 
     enabled: bool = True
-    capacity: int = 8000  # samples (uint8 image + fp16 teacher logits + label each)
+    capacity: int = 12000  # samples (uint8 image + fp16 teacher logits + label each)
     max_bytes: int = 64 << 20  # the buffer never holds more than this, whatever the capacity
-    ratio: float = 2.0  # replayed samples per sample of a full batch, in a step
+    ratio: float = 1.0  # replayed samples per sample of a full batch, in a step
     recency_share: float = 0.25  # of the replayed samples, drawn from the most recent ones
     # Prioritized draws from the reservoir: probability ∝ (divergence from the teacher + 0.01) ** priority,
     # the divergence measured when the sample was last trained on; 0 draws uniformly.
-    priority: float = 0.0
+    priority: float = 1.0
     # Balance the reservoir (class-balancing reservoir sampling) and its draws over the teacher's top-1 classes.
     balance: bool = False
 
