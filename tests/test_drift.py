@@ -9,7 +9,7 @@ import pytest
 import torch
 from river import drift as river_drift
 
-from streamkd.learn.drift import DriftEvent, DriftMonitor, LrBoost, drift_kind, student_confidence
+from streamkd.learn.drift import _DEFAULTS, DriftEvent, DriftMonitor, LrBoost, drift_kind, student_confidence
 
 BATCH, SHARE = 64, 0.1
 
@@ -80,7 +80,7 @@ def test_adwin_event_means_are_those_of_the_window_around_the_cut():
     # it must be the one ADWIN's window gives, read before the value that fired.
     rng = np.random.default_rng(5)
     stream = np.concatenate([rng.random(4000) < 0.9, rng.random(4000) < 0.4]).astype(float).tolist()
-    monitor, shadow = DriftMonitor("adwin"), river_drift.ADWIN(delta=0.01, clock=8)  # the agreement's settings
+    monitor, shadow = DriftMonitor("adwin"), river_drift.ADWIN(**_DEFAULTS["adwin"]["agreement"])
     for i in range(0, len(stream), 3):
         values = stream[i:i + 3]
         event = monitor.update(values, [0.9] * 30)
