@@ -166,6 +166,9 @@ class ReplayConfig:
     priority: float = 1.0
     # Balance the reservoir (class-balancing reservoir sampling) and its draws over the teacher's top-1 classes.
     balance: bool = False
+    # Weight each step's rows so that its class mix (teacher top-1) is the stream's long-run mix, not the
+    # current one: a stream whose classes come in turn then forgets less (learn/prior.py).
+    reweight: bool = True
 
 
 @dataclass(frozen=True)

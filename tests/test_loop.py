@@ -198,11 +198,11 @@ def test_prequential_windows_score_before_learning(tmp_path):
     seen = []  # (agreeing, correct) of the weights *before* each batch's update
     real_step = parts.learner.step
 
-    def step(images, t_logits, labels, fresh=None):
+    def step(images, t_logits, labels, fresh=None, weight=None):
         with torch.no_grad():
             pred = student(parts.learner.spec(images)).argmax(1)
         seen.append(((pred == t_logits.argmax(1)).sum().item(), (pred == labels).sum().item()))
-        return real_step(images, t_logits, labels, fresh=fresh)
+        return real_step(images, t_logits, labels, fresh=fresh, weight=weight)
 
     parts.learner.step = step
     prog = run(parts, 4 * BATCH)

@@ -168,3 +168,25 @@ def test_divergence_is_each_samples_kl_at_the_temperature(form):
     want = F.kl_div(F.log_softmax(s / 2, 1), F.log_softmax(t / 2, 1), log_target=True, reduction="none").sum(1)
     assert out.divergence.shape == (6,) and not out.divergence.requires_grad
     torch.testing.assert_close(out.divergence, want.detach())
+
+
+def test_a_weight_scales_each_samples_share_of_the_total_and_nothing_else():
+    """The hand-worked example with weights 3 and 0.5: total = (3 · loss_0 + 0.5 · loss_1) / 2, where loss_1 is
+    row 1's KD term at full strength (unlabelled: T² · H_1 under soft_ce); kd, ce and divergence unweighted."""
+    w = torch.tensor([3.0, 0.5])
+    plain, weighted = kd_loss(S, T_, Y, 2.0, 0.5), kd_loss(S, T_, Y, 2.0, 0.5, weight=w)
+    torch.testing.assert_close(weighted.total, torch.tensor(3 * 0.922058 * 2 / 2), atol=1e-5, rtol=0)
+    soft = kd_loss(S, T_, Y, 2.0, 0.5, form="soft_ce", weight=w)
+    want = (3 * (0.5 * 4 * 1.340348 + 0.5 * 2.407606) + 0.5 * 4 * 1.098612) / 2
+    torch.testing.assert_close(soft.total, torch.tensor(want), atol=1e-5, rtol=0)
+    for name in ("kd", "ce", "divergence"):
+        torch.testing.assert_close(getattr(weighted, name), getattr(plain, name))
+    ones = kd_loss(S, T_, Y, 2.0, 0.5, weight=torch.ones(2))
+    torch.testing.assert_close(ones.total, plain.total)
+
+
+def test_weight_validation():
+    with pytest.raises(ValueError, match="weight"):
+        kd_loss(S, T_, Y, 2.0, 0.5, weight=torch.ones(3))
+    with pytest.raises(ValueError, match="weight"):
+        kd_loss(S, T_, Y, 2.0, 0.5, weight=torch.ones(2, dtype=torch.int64))

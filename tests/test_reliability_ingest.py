@@ -46,7 +46,7 @@ def test_big_npy_records_train_in_batch_size_steps_and_checkpoints_stay_exact(br
     steps: list[int] = []
     real_step = parts.learner.step
     # Fresh rows per step (replayed rows come on top of them).
-    parts.learner.step = lambda x, t, y, fresh=None: steps.append(fresh) or real_step(x, t, y, fresh=fresh)
+    parts.learner.step = lambda x, t, y, fresh=None, **k: steps.append(fresh) or real_step(x, t, y, fresh=fresh, **k)
     prog = daemon.run(parts, threading.Event(), stop_when=lambda p: p.records_done >= len(sizes))
     assert prog.samples_seen == sum(sizes) and prog.offsets == {0: len(sizes)}
     assert max(steps) <= 16 and sum(steps) == sum(sizes)

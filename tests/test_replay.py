@@ -105,6 +105,19 @@ def test_a_draw_can_ask_for_its_own_recent_share():
         buf.sample(4, recent=1.5)
 
 
+def test_ring_share_is_the_share_of_a_draw_from_the_recent_region():
+    buf = ReplayBuffer(100, 10**9, 0.25, 0)
+    assert buf.ring_share() == 0.0  # empty: nothing comes from the ring
+    feed(buf, 3000, 64)  # the reservoir and the ring both hold samples
+    assert buf.ring_share() == 0.25 and buf.ring_share(0.6) == 0.6
+    drawn = torch.cat([buf.sample(8)[2] for _ in range(2000)])
+    latest = set(range(3000 - 25, 3000))  # the ring; the reservoir rarely holds one of them
+    assert 0.24 < sum(int(i) in latest for i in drawn.tolist()) / drawn.numel() < 0.28
+    fifo = ReplayBuffer(30, 10**9, 1.0, 0)
+    feed(fifo, 10, 10)
+    assert fifo.ring_share() == 1.0 and ReplayBuffer(30, 10**9, 0.0, 0).ring_share() == 0.0
+
+
 def test_recency_share_one_is_a_fifo():
     buf = ReplayBuffer(30, 10**9, 1.0, 0)
     feed(buf, 500, 17)

@@ -36,7 +36,9 @@ def test_replay_ema_and_holdout_resume_from_the_checkpoint(tmp_path, priority):
     assert len(tr2.holdout) == len(tr.holdout) and tr2.holdout.diverted == held
     assert torch.equal(tr.replay._prio, tr2.replay._prio)  # the priorities too
     assert torch.equal(tr.replay.sample(16)[0], tr2.replay.sample(16)[0])  # the same future draws
-    assert set(state) >= {"replay", "ema", "holdout", "budget", "boost"}
+    assert tr.prior.seen == tr.replay.seen  # the class shares count every trained sample
+    assert all(torch.equal(v, tr2.prior.state_dict()[k]) for k, v in tr.prior.state_dict().items())
+    assert set(state) >= {"replay", "prior", "ema", "holdout", "budget", "boost"}
 
 
 def test_snapshots_serve_the_ema_weights_and_say_so(tmp_path):
@@ -381,3 +383,38 @@ def test_replayed_and_stored_samples_carry_their_divergence_from_the_teacher(tmp
     run(parts, 12 * BATCH)
     assert seen["added"] == 12 and seen["replayed"] == 11  # the first step has nothing to replay yet
     assert bool((tr.replay._prio[:len(tr.replay)] != 1.0).all())  # every stored sample has a measured priority
+
+
+def test_each_step_trains_with_the_weights_of_the_class_prior(tmp_path):
+    """replay.reweight: the step's rows (fresh first, replayed last) get ClassPrior's weights for them."""
+    cfg = config(tmp_path, "gate.enabled=false", "drift.enabled=false", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(10)))
+    tr, real = parts.trainer, parts.learner.step
+    given, made = [], []
+    weights = tr.prior.weights
+
+    def spy_weights(top1, stream_rows, ring_share):
+        assert stream_rows == BATCH and ring_share == tr.replay.ring_share()
+        made.append(weights(top1, stream_rows, ring_share))
+        return made[-1]
+
+    def spy_step(x, t, y, fresh=None, weight=None):
+        given.append(weight)
+        if weight is not None:
+            torch.testing.assert_close(weight.mean(), torch.tensor(1.0))
+        return real(x, t, y, fresh=fresh, weight=weight)
+
+    tr.prior.weights, parts.learner.step = spy_weights, spy_step
+    run(parts, 10 * BATCH)
+    assert given[0] is None  # the first step has nothing to replay: the fresh rows alone, unweighted
+    assert len(given) == 10 and all(w is m for w, m in zip(given[1:], made, strict=True))
+    assert tr.prior.seen == 10 * BATCH
+
+
+def test_without_reweight_every_row_weighs_the_same(tmp_path):
+    cfg = config(tmp_path, "gate.enabled=false", "replay.reweight=false", plain=False)
+    parts = daemon.build(cfg, intake=MemoryIntake(batches(6)))
+    given, real = [], parts.learner.step
+    parts.learner.step = lambda x, t, y, fresh=None, weight=None: given.append(weight) or real(x, t, y, fresh=fresh)
+    run(parts, 6 * BATCH)
+    assert parts.trainer.prior is None and given == [None] * 6

@@ -120,13 +120,14 @@ class Learner:
         self.last_divergence: torch.Tensor | None = None
 
     def step(self, images: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-             fresh: int | None = None) -> torch.Tensor:
+             fresh: int | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
         """One prequential update. images uint8 N×C×H×W, teacher_logits float N×K, labels int64 N (-1: none).
 
         The first ``fresh`` rows (default: all) are new to the lineage; the rest are replayed. All rows
         train; only fresh rows are scored and counted (``n``, ``agree``, ``correct``...), so the prequential
-        figures and ``samples_seen`` describe the stream. Returns the stats vector (float32, device;
-        layout ``STATS``). No host sync.
+        figures and ``samples_seen`` describe the stream. ``weight``: optional float N, each row's weight
+        in the loss (see ``kd_loss``). Returns the stats vector (float32, device; layout ``STATS``). No host
+        sync.
         """
         fresh = images.shape[0] if fresh is None else fresh
         x = self.model_input(images)
@@ -145,7 +146,8 @@ class Learner:
         self.last_confidence = logits.detach()[:fresh].softmax(1).amax(1)
         safe_t = torch.where(finite[:, None], teacher_logits, logits.detach())  # KL 0 on dropped rows
         safe_y = torch.where(finite, labels, torch.full_like(labels, -1))
-        out = kd_loss(logits, safe_t, safe_y, self.cfg.temperature, self.cfg.alpha, form=self.cfg.loss)
+        out = kd_loss(logits, safe_t, safe_y, self.cfg.temperature, self.cfg.alpha, form=self.cfg.loss,
+                      weight=weight)
         self.last_divergence = out.divergence
         n_finite = finite.sum()
         # batchmean divided by N: rescale so dropped rows do not dilute the update.

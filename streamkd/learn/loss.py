@@ -27,7 +27,7 @@ class KDLoss:
 
 
 def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-           alpha: float, form: str) -> None:
+           alpha: float, form: str, weight: torch.Tensor | None) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if not 0.0 <= alpha <= 1.0:
@@ -43,6 +43,8 @@ def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: t
         raise ValueError("empty batch: kd_loss needs at least one sample")
     if labels.shape != student_logits.shape[:1]:
         raise ValueError(f"labels must be shape ({student_logits.shape[0]},), got {tuple(labels.shape)}")
+    if weight is not None and (weight.shape != student_logits.shape[:1] or not weight.is_floating_point()):
+        raise ValueError(f"weight must be float ({student_logits.shape[0]},), got {weight.dtype} {tuple(weight.shape)}")
 
 
 def kd_loss(
@@ -52,6 +54,7 @@ def kd_loss(
     temperature: float,
     alpha: float,
     form: str = "kl",
+    weight: torch.Tensor | None = None,
 ) -> KDLoss:
     """Hinton KD loss for a batch where only some samples carry a label.
 
@@ -66,13 +69,16 @@ def kd_loss(
         form: "kl" -> KL(P_T ‖ P_S); "soft_ce" -> H(P_T, P_S) = KL + H(P_T).
             Same gradient w.r.t. the student; "kl" is 0 when the student
             matches the teacher, which makes it the readable metric.
+        weight: optional float N, w_i on each sample's loss in ``total`` (1
+            when None); the reported ``kd``, ``ce`` and ``divergence`` stay
+            unweighted.
 
     The rule, per sample i (m_i = 1 if labelled, else 0):
 
         kd_i   = T² · KL(softmax(t_i/T) ‖ softmax(s_i/T))      (or T² · H for soft_ce)
         ce_i   = CE(s_i, y_i) at T = 1
         loss_i = (1 − (1 − alpha)·m_i) · kd_i + (1 − alpha)·m_i · ce_i
-        total  = (1/N) · Σ_i loss_i
+        total  = (1/N) · Σ_i w_i · loss_i
 
     A labelled sample gets the classic Hinton mix alpha·kd + (1 − alpha)·ce;
     an unlabelled sample gets the KD term alone at full strength. So a fully
@@ -87,7 +93,7 @@ def kd_loss(
     ``nn.KLDivLoss()``'s default "mean", which also divides by K); ``ce`` is
     the mean over labelled samples, 0 when there are none.
     """
-    _check(student_logits, teacher_logits, labels, temperature, alpha, form)
+    _check(student_logits, teacher_logits, labels, temperature, alpha, form, weight)
     s = student_logits.float()
     t = teacher_logits.detach().float()
     n = s.shape[0]
@@ -113,6 +119,9 @@ def kd_loss(
     ce = per_ce.sum() / labelled.clamp(min=1).float()
 
     weight_kd = 1.0 - (1.0 - alpha) * m
-    total = (weight_kd * per_kd + (1.0 - alpha) * per_ce).sum() / n
+    per_loss = weight_kd * per_kd + (1.0 - alpha) * per_ce
+    if weight is not None:
+        per_loss = per_loss * weight.to(per_loss.dtype)
+    total = per_loss.sum() / n
     kd = per_kd.sum() / n
     return KDLoss(total=total, kd=kd, ce=ce, labelled=labelled, divergence=divergence)

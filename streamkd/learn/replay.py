@@ -385,6 +385,14 @@ class ReplayBuffer:
         idx = torch.cat([res, self._res_cap + torch.randint(0, max(self._ring_len, 1), (k,), generator=self._gen)])
         return Draw(*self._take(idx), idx)
 
+    def ring_share(self, recent: float | None = None) -> float:
+        """The expected share of a :meth:`sample` draw that comes from the recent region (``recent`` as there)."""
+        if self._ring_len == 0:
+            return 0.0
+        if self._res_len == 0:
+            return 1.0
+        return self.recency_share if recent is None else recent
+
     def reprioritize(self, slots: torch.Tensor, divergence: torch.Tensor) -> None:
         """Set the priority of ``slots`` (from :meth:`sample`, before any later :meth:`add`) to the divergence
         just measured on them (float, one per slot; a slot drawn twice keeps the larger)."""

@@ -35,6 +35,7 @@ from streamkd.learn.ema import Ema, unwrap
 from streamkd.learn.gate import Gate, Holdout, Predictions
 from streamkd.learn.labeller import Labelled, TeacherBudget
 from streamkd.learn.learner import Learner, S
+from streamkd.learn.prior import ClassPrior
 from streamkd.learn.replay import ReplayBuffer
 from streamkd.metrics import Metrics
 
@@ -61,6 +62,7 @@ class Trainer:
         r, g, d = cfg.replay, cfg.gate, cfg.drift
         self.replay = ReplayBuffer(r.capacity, r.max_bytes, r.recency_share, seed, r.balance,
                                    r.priority) if r.enabled else None
+        self.prior = ClassPrior() if r.enabled and r.reweight else None
         self.ema = Ema(learner.student, cfg.ema.decay) if cfg.ema.enabled else None
         self.holdout = Holdout(g.holdout_capacity, g.holdout_share, seed) if g.enabled else None
         self.gate = Gate(g.tolerance)
@@ -97,6 +99,8 @@ class Trainer:
                 keep = keep.to(x.device)
                 x, t, y, random = x[keep], t[keep], y[keep], random[keep]
         fresh = int(x.shape[0])
+        if self.prior is not None:
+            self.prior.observe(t.argmax(1), int(t.shape[1]))
         batch = self._with_replay(x, t, y)
         if batch is None:
             return None
@@ -116,11 +120,11 @@ class Trainer:
         self.learner.lr_scale = self.boost.step()
         return stats
 
-    def _learn(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, slots: torch.Tensor | None, *,
-               fresh: int) -> torch.Tensor:
-        """One learner step on rows ``x`` (the replayed ones last, from ``slots``); their divergence from the
-        teacher, measured by the step, becomes the replayed slots' priority."""
-        stats = self.learner.step(x, t, y, fresh=fresh)
+    def _learn(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, slots: torch.Tensor | None,
+               weight: torch.Tensor | None, *, fresh: int) -> torch.Tensor:
+        """One learner step on rows ``x`` (the replayed ones last, from ``slots``; ``weight``: each row's weight in
+        the loss); their divergence from the teacher, measured by the step, becomes the replayed slots' priority."""
+        stats = self.learner.step(x, t, y, fresh=fresh, weight=weight)
         if slots is not None and self.replay is not None and self.replay.priority:
             self.replay.reprioritize(slots, self.learner.last_divergence[x.shape[0] - slots.shape[0]:])
         return stats
@@ -136,19 +140,23 @@ class Trainer:
         return max(n, self.cfg.drift.boost_updates) if self.boost.remaining > 0 else n
 
     def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, recent: float | None = None):
-        """(images, logits, labels, slots): the fresh rows plus a draw from the replay buffer (``recent``: the
-        share of it from the latest samples, ``replay.recency_share`` when None), the drawn slots last (None
-        without a draw); or None when there is nothing to train."""
+        """(images, logits, labels, slots, weights): the fresh rows plus a draw from the replay buffer
+        (``recent``: the share of it from the latest samples, ``replay.recency_share`` when None), the drawn
+        slots last (None without a draw), and the rows' loss weights (``replay.reweight``; None: all 1); or
+        None when there is nothing to train."""
         if self.replay is None:
-            return (x, t, y, None) if x.shape[0] else None
+            return (x, t, y, None, None) if x.shape[0] else None
         # The holdout's rows are made up from the buffer: a step's shape does not depend on the gate.
         n = round(self.cfg.replay.ratio * self.cfg.train.batch_size) + self.held_out
         replayed = self.replay.sample(n, int(x.shape[0]), recent)
         if replayed is None:
-            return (x, t, y, None) if x.shape[0] else None
+            return (x, t, y, None, None) if x.shape[0] else None
         rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed[:3])
         self.metrics.replayed(int(rx.shape[0]))
-        return torch.cat([x, rx]), torch.cat([t, rt.to(t.dtype)]), torch.cat([y, ry]), replayed.slots
+        logits = torch.cat([t, rt.to(t.dtype)])
+        weight = None if self.prior is None else \
+            self.prior.weights(logits.argmax(1), int(x.shape[0]), self.replay.ring_share(recent))
+        return torch.cat([x, rx]), logits, torch.cat([y, ry]), replayed.slots, weight
 
     def _watch(self, lab: Labelled, t: torch.Tensor, random: torch.Tensor, fresh: int) -> None:
         """Random-share agreement -> budget controller and drift monitor (a host read of a few values).
@@ -256,6 +264,8 @@ class Trainer:
             out["drift"] = self.drift.state_dict()
         if self.replay is not None:
             out["replay"] = self.replay.state_dict()
+        if self.prior is not None:
+            out["prior"] = self.prior.state_dict()
         if self.ema is not None:
             out["ema"] = self.ema.state_dict()
         if self.holdout is not None:
@@ -272,7 +282,7 @@ class Trainer:
         if self.drift is not None and state.get("drift"):
             self.drift.load_state_dict(state["drift"])
         self.rejections = int(state.get("rejections", 0))
-        for name in ("replay", "ema", "holdout"):
+        for name in ("replay", "prior", "ema", "holdout"):
             part = getattr(self, name)
             if part is not None and name in state:
                 part.load_state_dict(state[name])
