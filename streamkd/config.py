@@ -585,6 +585,9 @@ def _validate_learning(cfg: Config) -> None:
     _positive(cfg, "replay", "capacity", "max_bytes")
     _positive(cfg, "replay", "ratio", "priority", allow_zero=True)
     _fraction("replay.recency_share", cfg.replay.recency_share)
+    if cfg.replay.balance and cfg.replay.reweight:
+        raise ConfigError("replay.reweight", "balances the classes of each step by weights, which replay.balance does "
+                                             "by its draws: set one of them to false")
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError("ema.decay", f"must be in (0, 1), got {cfg.ema.decay}")
     _fraction("gate.holdout_share", cfg.gate.holdout_share)

@@ -184,3 +184,20 @@ def test_warmup_leaves_no_trace():
     assert torch.equal(a, b)
     for (k, v), w in zip(plain.student.state_dict().items(), warmed.student.state_dict().values(), strict=False):
         assert torch.equal(v, w), k
+
+
+def test_row_weights_reach_the_loss_and_the_update():
+    """weight=2 everywhere doubles the loss the step reports (and descends on) but not the unweighted KD term;
+    weight 0 on every row but one trains on that row alone."""
+    x, t = batch()
+    y = torch.full((16,), -1)
+    plain, doubled = learner().step(x, t, y), learner().step(x, t, y, weight=torch.full((16,), 2.0))
+    torch.testing.assert_close(doubled[S["loss"]], 2 * plain[S["loss"]])
+    torch.testing.assert_close(doubled[S["kd"]], plain[S["kd"]])
+    one = torch.zeros(16)
+    one[5] = 16.0
+    a, b = learner(), learner()
+    a.step(x, t, y, weight=one)
+    b.step(x[5:6], t[5:6], y[5:6])
+    for k, v in a.student.state_dict().items():
+        torch.testing.assert_close(v, b.student.state_dict()[k], atol=1e-6, rtol=1e-5)

@@ -36,7 +36,7 @@ def test_replay_ema_and_holdout_resume_from_the_checkpoint(tmp_path, priority):
     assert len(tr2.holdout) == len(tr.holdout) and tr2.holdout.diverted == held
     assert torch.equal(tr.replay._prio, tr2.replay._prio)  # the priorities too
     assert torch.equal(tr.replay.sample(16)[0], tr2.replay.sample(16)[0])  # the same future draws
-    assert tr.prior.seen == tr.replay.seen  # the class shares count every trained sample
+    assert float(tr.prior.state_dict()["counts"].sum()) == tr.replay.seen  # every trained sample is counted
     assert all(torch.equal(v, tr2.prior.state_dict()[k]) for k, v in tr.prior.state_dict().items())
     assert set(state) >= {"replay", "prior", "ema", "holdout", "budget", "boost"}
 
@@ -340,7 +340,8 @@ def test_a_drift_makes_the_served_ema_follow_the_student(tmp_path):
 
 
 def test_balanced_replay_is_wired_and_resumes_from_the_checkpoint(tmp_path):
-    cfg = config(tmp_path, "checkpoint.every_steps=1000", "replay.balance=true", "replay.capacity=64", plain=False)
+    cfg = config(tmp_path, "checkpoint.every_steps=1000", "replay.balance=true", "replay.reweight=false",
+                 "replay.capacity=64", plain=False)
     first = daemon.build(cfg, intake=MemoryIntake(batches(10)))
     run(first, 10 * BATCH)
     tr = first.trainer
@@ -408,7 +409,7 @@ def test_each_step_trains_with_the_weights_of_the_class_prior(tmp_path):
     run(parts, 10 * BATCH)
     assert given[0] is None  # the first step has nothing to replay: the fresh rows alone, unweighted
     assert len(given) == 10 and all(w is m for w, m in zip(given[1:], made, strict=True))
-    assert tr.prior.seen == 10 * BATCH
+    assert float(tr.prior.state_dict()["counts"].sum()) == 10 * BATCH
 
 
 def test_without_reweight_every_row_weighs_the_same(tmp_path):
@@ -418,3 +419,21 @@ def test_without_reweight_every_row_weighs_the_same(tmp_path):
     parts.learner.step = lambda x, t, y, fresh=None, weight=None: given.append(weight) or real(x, t, y, fresh=fresh)
     run(parts, 6 * BATCH)
     assert parts.trainer.prior is None and given == [None] * 6
+
+
+def test_a_checkpoint_without_a_class_prior_starts_it_from_the_replay_buffer(tmp_path):
+    """A checkpoint written with replay.reweight off resumes with it on: the class shares come from the buffer
+    (its reservoir scaled to the samples seen), so no replayed class weighs 0 for not being seen since."""
+    off = config(tmp_path, "checkpoint.every_steps=1000", "gate.enabled=false", "replay.reweight=false", plain=False)
+    first = daemon.build(off, intake=MemoryIntake(batches(10)))
+    run(first, 10 * BATCH)
+    assert "prior" not in CheckpointStore(tmp_path / "ck").load_latest().learning
+    on = config(tmp_path, "checkpoint.every_steps=1000", "gate.enabled=false", plain=False)
+    again = daemon.build(on, intake=MemoryIntake([]))
+    again.persistence.resume(again.accounting.prog)
+    reservoir, _ = first.trainer.replay.class_counts()
+    counts = again.trainer.prior.state_dict()["counts"]
+    assert float(counts.sum()) == pytest.approx(first.trainer.replay.seen)
+    assert torch.equal(counts > 0, reservoir > 0)
+    held = torch.nonzero(reservoir).squeeze(1)
+    assert bool((again.trainer.prior.weights(held, 0, 0.25) > 0).all())

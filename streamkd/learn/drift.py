@@ -14,10 +14,7 @@ the student's confidence on the batch that fired, against their moving averages 
 samples: ``new_classes`` when most samples belong to classes the stream has hardly shown; else
 ``input_shift`` when the student's confidence fell (the same classes look different: a camera that moved,
 new lighting); else ``label_shift`` (the inputs look as usual to the student, but the teacher's labels for
-them moved: a teacher that changed or went wrong; or the class mix moved to classes the student is less
-sure of, so the stream's confidence fell while each class's held). Where every sample of a batch has a
-teacher class, the usual confidence the batch is compared with is that of its own classes (a moving
-average per class). The trainer reacts to the kinds differently.
+them moved: a teacher that changed or went wrong). The trainer reacts to them differently.
 
 The detectors' windows are not saved: after a restart they start empty (they need a few hundred samples
 to be armed again). :meth:`DriftMonitor.state_dict` keeps the counters and the moving averages. :class:`LrBoost`
@@ -106,8 +103,7 @@ def student_confidence(logits: torch.Tensor) -> torch.Tensor:
 
 
 def drift_kind(classes: np.ndarray, mix: np.ndarray | None, confidence: float | None = None,
-               usual_confidence: float | None = None, signal: str = "agreement",
-               usual_by_class: bool = False) -> tuple[str, float | None]:
+               usual_confidence: float | None = None, signal: str = "agreement") -> tuple[str, float | None]:
     """What a drift is: ``(kind, novel_share)``.
 
     ``classes``: the teacher's top-1 (int) on the batch that fired; ``mix``: the stream's class shares so far
@@ -117,12 +113,9 @@ def drift_kind(classes: np.ndarray, mix: np.ndarray | None, confidence: float | 
     share it would have if the classes the stream has shown were equally frequent (1 / the mix's
     perplexity), so the rule reads the same for 10 classes or 1,000.
 
-    ``new_classes`` when ``novel_share`` > ``NOVEL_MAJORITY``; else ``label_shift`` when the confidence is
-    known and did not fall by ``CONFIDENCE_FALL`` and either the agreement detector fired (``signal``) or
-    ``usual_by_class`` says the usual confidence is that of the batch's own classes (then a fall of the
-    stream's confidence comes from its class mix turning to classes the student is less sure of, not from
-    inputs that look different); else ``input_shift`` (a confidence detection is a fall of the student's
-    confidence by itself).
+    ``new_classes`` when ``novel_share`` > ``NOVEL_MAJORITY``; else ``label_shift`` when the agreement
+    detector fired (``signal``) and the confidence is known and did not fall by ``CONFIDENCE_FALL``; else
+    ``input_shift`` (a confidence detection is a fall of the student's confidence by itself).
     """
     novel = None
     if mix is not None and len(classes):
@@ -134,7 +127,7 @@ def drift_kind(classes: np.ndarray, mix: np.ndarray | None, confidence: float | 
     if novel is not None and novel > NOVEL_MAJORITY:
         return "new_classes", novel
     held = confidence is not None and usual_confidence is not None and confidence > usual_confidence - CONFIDENCE_FALL
-    if held and (signal == "agreement" or usual_by_class):
+    if signal == "agreement" and held:
         return "label_shift", novel
     return "input_shift", novel
 
@@ -230,19 +223,12 @@ class DriftMonitor:
         self._mixed = 0  # samples averaged into it
         self.usual_confidence: float | None = None  # moving average of the student's confidence
         self._confided = 0  # samples averaged into it
-        # The same per teacher top-1 class (when the batch gives a class per confidence value): a batch's usual
-        # confidence is then that of its own classes, so a stream turning to classes the student is less sure of
-        # is not taken for an input shift.
-        self.class_confidence: np.ndarray | None = None
-        self._class_confided: np.ndarray | None = None
 
     def update(self, agreement_per_sample, confidence_per_sample, classes=None) -> DriftEvent | None:
         """Feed one batch: 0/1 agreement of the random share (any length), the student's max-softmax on every
         sample of the batch (its length is the number of stream samples counted), and optionally the
-        teacher's top-1 class of the batch's labelled samples (for the event's kind). When there is one class
-        per confidence value (the same samples, in order: every sample was labelled), the usual confidence is
-        also kept per class. Non-finite values are skipped. Returns an event when drift is detected outside the
-        grace period, else None."""
+        teacher's top-1 class of the batch's labelled samples (for the event's kind). Non-finite values are
+        skipped. Returns an event when drift is detected outside the grace period, else None."""
         fired: DriftEvent | None = None
         confidence = _values(confidence_per_sample)
         for name, values in (("agreement", _values(agreement_per_sample)), ("confidence", confidence)):
@@ -257,13 +243,12 @@ class DriftMonitor:
         labels = np.asarray([] if classes is None else classes, dtype=np.int64).reshape(-1)
         finite = [x for x in confidence if math.isfinite(x)]
         batch_confidence = sum(finite) / len(finite) if finite else None
-        paired = labels if len(labels) == len(confidence) and all(map(math.isfinite, confidence)) else None
         if fired is None or self.samples_seen < self.quiet_until:
-            self._average(labels, finite, paired)
+            self._average(labels, finite)
             return None
-        usual, by_class = self._usual_for(paired)
-        kind, novel = drift_kind(labels, self.mix, batch_confidence, usual, fired.signal, by_class)
-        self._average(labels, finite, paired)
+        usual = self.usual_confidence
+        kind, novel = drift_kind(labels, self.mix, batch_confidence, usual, fired.signal)
+        self._average(labels, finite)
         # Both detectors start over on the new regime, so the one that has not fired yet does not raise a
         # second event for the same shift once the grace period is over.
         for signal in self.signals.values():
@@ -276,34 +261,12 @@ class DriftMonitor:
         return DriftEvent(fired.signal, fired.detector, self.samples_seen, fired.observations,
                           fired.mean_before, fired.mean_after, kind, novel, batch_confidence, usual)
 
-    def _usual_for(self, paired: np.ndarray | None) -> tuple[float | None, bool]:
-        """(the usual confidence for a batch, whether it is by class): the mean over its samples' classes
-        (``paired``: one per confidence value) when each has an average of its own, else the stream's."""
-        per, counts = self.class_confidence, self._class_confided
-        if paired is None or per is None or counts is None or not len(paired) or paired.min() < 0 \
-                or paired.max() >= len(per) or not bool((counts[paired] > 0).all()):
-            return self.usual_confidence, False
-        return float(per[paired].mean()), True
-
-    def _average(self, classes: np.ndarray, confidence: list[float], paired: np.ndarray | None = None) -> None:
-        """Average a batch into the class mix and the usual confidence, overall and (``paired``: a class per
-        confidence value) per class (plain means until MIX_HORIZON samples, then exponential)."""
+    def _average(self, classes: np.ndarray, confidence: list[float]) -> None:
+        """Average a batch into the class mix and the usual confidence (plain means until MIX_HORIZON samples,
+        then exponential)."""
         if confidence:
             self.usual_confidence, self._confided = _fold(self.usual_confidence, self._confided,
                                                           sum(confidence) / len(confidence), len(confidence))
-        if paired is not None and len(paired) and paired.min() >= 0:
-            k = max(int(paired.max()) + 1, 0 if self.class_confidence is None else len(self.class_confidence))
-            n = np.bincount(paired, minlength=k).astype(np.float64)
-            sums = np.bincount(paired, weights=np.asarray(confidence, dtype=np.float64), minlength=k)
-            per, counts = self.class_confidence, self._class_confided
-            if per is None:
-                per, counts = np.zeros(k), np.zeros(k)
-            elif len(per) < k:
-                per, counts = np.pad(per, (0, k - len(per))), np.pad(counts, (0, k - len(counts)))
-            counts = counts + n
-            w = np.divide(n, np.minimum(counts, MIX_HORIZON), out=np.zeros(k), where=counts > 0)
-            mean = np.divide(sums, n, out=np.zeros(k), where=n > 0)
-            self.class_confidence, self._class_confided = (1.0 - w) * per + w * mean, counts
         if not len(classes) or classes.min() < 0:
             return
         k = max(int(classes.max()) + 1, 0 if self.mix is None else len(self.mix))
@@ -317,9 +280,7 @@ class DriftMonitor:
         """The counters and the moving averages; the detectors' windows are not kept (see the module docstring)."""
         return {"samples_seen": self.samples_seen, "detections": self.detections, "quiet_until": self.quiet_until,
                 "mix": None if self.mix is None else self.mix.tolist(), "mixed": self._mixed,
-                "usual_confidence": self.usual_confidence, "confided": self._confided,
-                "class_confidence": None if self.class_confidence is None else self.class_confidence.tolist(),
-                "class_confided": None if self._class_confided is None else self._class_confided.tolist()}
+                "usual_confidence": self.usual_confidence, "confided": self._confided}
 
     def load_state_dict(self, state: dict) -> None:
         self.samples_seen = max(0, int(state["samples_seen"]))
@@ -331,12 +292,6 @@ class DriftMonitor:
         usual = state.get("usual_confidence")
         self.usual_confidence = None if usual is None else float(usual)
         self._confided = max(0, int(state.get("confided", 0)))
-        per, counts = state.get("class_confidence"), state.get("class_confided")
-        if per is None or counts is None or len(per) != len(counts):
-            self.class_confidence = self._class_confided = None
-        else:
-            self.class_confidence = np.asarray(per, dtype=np.float64)
-            self._class_confided = np.maximum(np.asarray(counts, dtype=np.float64), 0.0)
 
 
 def _fold(average, count: int, mean, n: int):

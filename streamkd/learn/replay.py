@@ -385,6 +385,17 @@ class ReplayBuffer:
         idx = torch.cat([res, self._res_cap + torch.randint(0, max(self._ring_len, 1), (k,), generator=self._gen)])
         return Draw(*self._take(idx), idx)
 
+    def class_counts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stored samples per teacher top-1 class (float64 K each): the reservoir's and the ring's; None when
+        empty."""
+        if self._logits is None or not len(self):
+            return None
+        k = int(self._logits.shape[1])
+        top1 = self._logits.float().argmax(1)
+        res = top1[:self._res_len]
+        ring = top1[self._res_cap:self._res_cap + self._ring_len]
+        return (torch.bincount(res, minlength=k).to(torch.float64), torch.bincount(ring, minlength=k).to(torch.float64))
+
     def ring_share(self, recent: float | None = None) -> float:
         """The expected share of a :meth:`sample` draw that comes from the recent region (``recent`` as there)."""
         if self._ring_len == 0:

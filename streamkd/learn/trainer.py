@@ -100,7 +100,7 @@ class Trainer:
                 x, t, y, random = x[keep], t[keep], y[keep], random[keep]
         fresh = int(x.shape[0])
         if self.prior is not None:
-            self.prior.observe(t.argmax(1), int(t.shape[1]))
+            self.prior.observe(t.argmax(1), int(t.shape[1]), torch.isfinite(t).all(1))
         batch = self._with_replay(x, t, y)
         if batch is None:
             return None
@@ -282,13 +282,33 @@ class Trainer:
         if self.drift is not None and state.get("drift"):
             self.drift.load_state_dict(state["drift"])
         self.rejections = int(state.get("rejections", 0))
-        for name in ("replay", "prior", "ema", "holdout"):
+        for name in ("replay", "ema", "holdout"):
             part = getattr(self, name)
             if part is not None and name in state:
                 part.load_state_dict(state[name])
+        if self.prior is not None:
+            self._load_prior(state.get("prior") or {})
         if self.ema is not None and "ema" not in state:  # a checkpoint from before the EMA: start it here
             self.ema = Ema(self.learner.student, self.cfg.ema.decay)
         self.learner.lr_scale = self.boost.multiplier
+
+
+    def _load_prior(self, state: dict) -> None:
+        """The class prior from the checkpoint; from the replay buffer's content when the checkpoint has none (one
+        written without ``replay.reweight``): its reservoir is a uniform sample of the samples seen, its ring the
+        latest ones. Starting from nothing would weigh every replayed class not seen since the restart at 0."""
+        assert self.prior is not None
+        if state.get("counts") is not None:
+            self.prior.load_state_dict(state, self.learner.device)
+            return
+        held = self.replay.class_counts() if self.replay is not None else None
+        if held is None:
+            return
+        reservoir, ring = held
+        seen = max(self.replay.seen, 1)
+        counts = reservoir * (seen / reservoir.sum()) if reservoir.sum() > 0 else ring * (seen / ring.sum())
+        recent = ring / ring.sum() if ring.sum() > 0 else None
+        self.prior.seed(counts.to(self.learner.device), None if recent is None else recent.to(self.learner.device))
 
 
 def _brief(score: dict | None) -> str:
