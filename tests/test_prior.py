@@ -126,3 +126,29 @@ def test_seeded_counts_and_state_round_trip_and_validation():
         q.load_state_dict({"counts": torch.tensor([1.0, float("nan")])})
     with pytest.raises(ValueError, match="finite"):
         q.load_state_dict({"counts": torch.tensor([1.0, 1.0]), "recent": torch.tensor([1.0, -1.0])})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_shares_stay_on_the_device_with_no_host_sync():
+    """The step's weights come without a copy to the host (torch raises on a sync in "error" mode), and match
+    the CPU's."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 10, (32,), generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(6)]
+    on, off = ClassPrior(), ClassPrior()
+    on.observe(batches[0][0].cuda(), 10)
+    off.observe(batches[0][0], 10)
+    device = [(fresh.cuda(), step.cuda()) for fresh, step in batches]
+    valid = torch.ones(32, dtype=torch.bool, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for fresh, step in device[1:]:
+            on.observe(fresh, 10, valid)
+            w = on.weights(step, 32, 0.25)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for fresh, step in batches[1:]:
+        off.observe(fresh, 10, torch.ones(32, dtype=torch.bool))
+        want = off.weights(step, 32, 0.25)
+    assert w.device.type == "cuda" and on.state_dict()["counts"].device.type == "cpu"
+    torch.testing.assert_close(w.cpu(), want)

@@ -67,7 +67,9 @@ class ClassPrior:
             return
         if valid is not None:  # invalid rows go to an extra bin that is dropped: no data-dependent shape
             top1 = top1.masked_fill(~valid, num_classes)
-        hist = torch.bincount(top1, minlength=num_classes + 1)[:num_classes].to(torch.float64)
+        # index_add_, not bincount: bincount reads the largest class on the host to size its result (a sync on CUDA)
+        hist = torch.zeros(num_classes + 1, dtype=torch.float64, device=top1.device).index_add_(
+            0, top1, torch.ones(top1.shape, dtype=torch.float64, device=top1.device))[:num_classes]
         if self._counts is None or self._counts.numel() != num_classes or self._counts.device != hist.device:
             self._counts, self._recent, self._last = hist.clone(), None, hist
             return

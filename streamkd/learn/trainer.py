@@ -6,7 +6,9 @@ One :meth:`Trainer.step` per labelled batch:
 2. the rest, plus replayed samples from the buffer (``replay.ratio`` per sample of a full batch, so that
    steps stay useful when the teacher budget leaves few fresh samples; drawn by priority, see
    ``replay.priority``), make the step's batch; only fresh rows count for the prequential figures and
-   ``samples_seen``; the replayed rows' divergence from the teacher becomes their new priority;
+   ``samples_seen``; the replayed rows' divergence from the teacher becomes their new priority; each row's
+   loss is weighted so that the step's class mix is the stream's long-run one (``replay.reweight``,
+   learn/prior.py);
 3. the EMA of the student is updated;
 4. the fresh samples enter the replay buffer, each with its divergence as its priority;
 5. the drift monitor reads the random share's agreement and the student's confidence; on a detection the
