@@ -70,7 +70,7 @@ class ClassPrior:
         # index_add_, not bincount: bincount reads the largest class on the host to size its result (a sync on CUDA)
         hist = torch.zeros(num_classes + 1, dtype=torch.float64, device=top1.device).index_add_(
             0, top1, torch.ones(top1.shape, dtype=torch.float64, device=top1.device))[:num_classes]
-        if self._counts is None or self._counts.numel() != num_classes or self._counts.device != hist.device:
+        if self._counts is None or self._counts.numel() != num_classes:
             self._counts, self._recent, self._last = hist.clone(), None, hist
             return
         if self._last is not None:
@@ -90,26 +90,23 @@ class ClassPrior:
     def weights(self, top1: torch.Tensor, stream_rows: int, ring_share: float) -> torch.Tensor | None:
         """float32 weights (mean 1, on ``top1``'s device) for a step's rows: ``top1`` int N, the rows' teacher
         top-1 classes, the first ``stream_rows`` of them from the stream and the rest replayed, a
-        ``ring_share`` of those from the buffer's recent region. None before any sample was observed (or
-        when a row's class is outside the classes observed)."""
-        if self._counts is None or top1.device != self._counts.device:
+        ``ring_share`` of those from the buffer's recent region. None before any sample was observed."""
+        if self._counts is None:
             return None
         n = int(top1.shape[0])
         s = self._counts / self._counts.sum().clamp(min=1.0)
         r = s if self._recent is None else self._recent  # the first step: no earlier samples
         q = (stream_rows * r + (n - stream_rows) * ((1.0 - ring_share) * s + ring_share * r)) / n
         table = (s / q.clamp(min=1e-12)).to(torch.float32)
-        w = table[top1.clamp(0, table.numel() - 1)]
+        w = table[top1]
         return w * (n / w.sum().clamp(min=1e-12))
 
     def seed(self, counts: torch.Tensor, recent: torch.Tensor | None) -> None:
         """Start from estimated class counts (float K) and recent shares (float K, or None: the counts' shares),
         e.g. the replay buffer's content when a checkpoint has no prior of its own."""
-        counts = counts.detach().to(torch.float64)
-        self._counts = counts.clone()
-        self._recent = None if recent is None else recent.detach().to(counts.device, torch.float64).clone()
-        if self._recent is None:
-            self._recent = counts / counts.sum().clamp(min=1.0)
+        self._counts = counts.detach().to(torch.float64).clone()
+        self._recent = (self._counts / self._counts.sum().clamp(min=1.0) if recent is None
+                        else recent.detach().to(self._counts.device, torch.float64).clone())
         self._last = None
 
     def state_dict(self) -> dict:

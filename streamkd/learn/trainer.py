@@ -101,9 +101,11 @@ class Trainer:
                 keep = keep.to(x.device)
                 x, t, y, random = x[keep], t[keep], y[keep], random[keep]
         fresh = int(x.shape[0])
+        top1 = None  # the teacher's classes of the fresh rows, where something reads them
         if self.prior is not None:
-            self.prior.observe(t.argmax(1), int(t.shape[1]), torch.isfinite(t).all(1))
-        batch = self._with_replay(x, t, y)
+            top1 = t.argmax(1)
+            self.prior.observe(top1, int(t.shape[1]), torch.isfinite(t).all(1))
+        batch = self._with_replay(x, t, y, top1)
         if batch is None:
             return None
         stats = self._learn(*batch, fresh=fresh)
@@ -112,10 +114,10 @@ class Trainer:
         if self.replay is not None and fresh:
             self.replay.add(x, t, y, self.learner.last_divergence[:fresh] if self.replay.priority else None)
             self.metrics.replay_buffer(len(self.replay), self.replay.nbytes)
-        self._watch(lab, t, random, fresh)
+        self._watch(lab, t, top1, random, fresh)
         recent = self.cfg.drift.boost_recent_share if self._boosting("input_shift") else None
         for _ in range(self._updates() - 1):
-            again = self._learn(*self._with_replay(x, t, y, recent), fresh=0)
+            again = self._learn(*self._with_replay(x, t, y, top1, recent), fresh=0)
             stats[S["skipped"]] = torch.maximum(stats[S["skipped"]], again[S["skipped"]])
             if self.ema is not None:
                 self.ema.update(self.learner.student)
@@ -141,11 +143,12 @@ class Trainer:
         n = self.budget.steps_per_batch(self.cfg.train.steps_per_batch)
         return max(n, self.cfg.drift.boost_updates) if self.boost.remaining > 0 else n
 
-    def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, recent: float | None = None):
+    def _with_replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, top1: torch.Tensor | None,
+                     recent: float | None = None):
         """(images, logits, labels, slots, weights): the fresh rows plus a draw from the replay buffer
         (``recent``: the share of it from the latest samples, ``replay.recency_share`` when None), the drawn
-        slots last (None without a draw), and the rows' loss weights (``replay.reweight``; None: all 1); or
-        None when there is nothing to train."""
+        slots last (None without a draw), and the rows' loss weights (``replay.reweight``, from ``top1``, the
+        fresh rows' teacher classes; None: all 1); or None when there is nothing to train."""
         if self.replay is None:
             return (x, t, y, None, None) if x.shape[0] else None
         # The holdout's rows are made up from the buffer: a step's shape does not depend on the gate.
@@ -155,20 +158,22 @@ class Trainer:
             return (x, t, y, None, None) if x.shape[0] else None
         rx, rt, ry = (v.to(x.device, non_blocking=True) for v in replayed[:3])
         self.metrics.replayed(int(rx.shape[0]))
-        logits = torch.cat([t, rt.to(t.dtype)])
-        weight = None if self.prior is None else \
-            self.prior.weights(logits.argmax(1), int(x.shape[0]), self.replay.ring_share(recent))
-        return torch.cat([x, rx]), logits, torch.cat([y, ry]), replayed.slots, weight
+        weight = None if self.prior is None or top1 is None else \
+            self.prior.weights(torch.cat([top1, rt.argmax(1)]), int(x.shape[0]), self.replay.ring_share(recent))
+        return torch.cat([x, rx]), torch.cat([t, rt.to(t.dtype)]), torch.cat([y, ry]), replayed.slots, weight
 
-    def _watch(self, lab: Labelled, t: torch.Tensor, random: torch.Tensor, fresh: int) -> None:
-        """Random-share agreement -> budget controller and drift monitor (a host read of a few values).
+    def _watch(self, lab: Labelled, t: torch.Tensor, top1: torch.Tensor | None, random: torch.Tensor,
+               fresh: int) -> None:
+        """Random-share agreement -> budget controller and drift monitor (a host read of a few values). ``t``:
+        the fresh rows' teacher logits; ``top1``: their classes when the step has them already.
 
         At a fixed full budget with drift off nothing reads it (the prequential agreement covers every
         sample), so the plain step keeps no per-step host sync."""
         if not fresh or (self.drift is None and not self.budget.active):
             return
         # One copy to the host; a few dozen values are cheaper to compare in Python than with more tensor ops.
-        pred, top1, random = torch.stack([self.learner.last_pred, t.argmax(1), random.long()]).tolist()
+        classes = t.argmax(1) if top1 is None else top1
+        pred, top1, random = torch.stack([self.learner.last_pred, classes, random.long()]).tolist()
         agree = [float(p == c) for p, c, r in zip(pred, top1, random, strict=True) if r]
         random_agreement = sum(agree) / len(agree) if agree else None
         if random_agreement is not None:
@@ -293,7 +298,6 @@ class Trainer:
         if self.ema is not None and "ema" not in state:  # a checkpoint from before the EMA: start it here
             self.ema = Ema(self.learner.student, self.cfg.ema.decay)
         self.learner.lr_scale = self.boost.multiplier
-
 
     def _load_prior(self, state: dict) -> None:
         """The class prior from the checkpoint; from the replay buffer's content when the checkpoint has none (one
